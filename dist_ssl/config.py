@@ -1,0 +1,312 @@
+"""One typed config tree for every run.
+
+Precedence: dataclass defaults < YAML file < `key=value` overrides on the command line.
+Unknown keys are an error that names the closest valid key; ill-typed values name the key and the
+type it expects. The resolved tree is written as `config.yaml` into every run folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from dist_ssl.errors import UserError
+
+
+@dataclass
+class AugmentConfig:
+    """Views of an image: `weak` = shift (+flip), `strong` = weak + RandAugment + cutout."""
+
+    crop_padding: float = 0.125  # random-shift padding as a fraction of the image side (4 px at 32 px)
+    flip: bool = False  # horizontal flips: right for CIFAR/STL, wrong for digits
+    randaugment_ops: int = 2
+    randaugment_magnitude: int = 10  # of torchvision's 31 bins
+    cutout: float = 0.5  # side of the erased square as a fraction of the image side; 0 = off
+
+    def __post_init__(self):
+        _check(0 <= self.crop_padding <= 0.5, "data.augment.crop_padding", "must be in [0, 0.5]")
+        _check(0 <= self.randaugment_magnitude <= 30, "data.augment.randaugment_magnitude", "must be in [0, 30]")
+        _check(0 <= self.cutout < 1, "data.augment.cutout", "must be in [0, 1)")
+
+
+@dataclass
+class DataConfig:
+    shards: str = ""  # dataset folder written by `dist-ssl shards write`
+    labeled: str = "labeled"  # split folders, relative to `shards` unless absolute
+    unlabeled: str = "unlabeled"
+    test: str = "test"
+    batch_size: int = 64  # labeled samples per step, all ranks together (split evenly over ranks)
+    unlabeled_batch_ratio: int = 7  # mu: unlabeled samples per labeled sample
+    eval_batch_size: int = 256  # per rank
+    workers: int = 1  # DataLoader worker processes per rank and stream (0 = in the training process)
+    shuffle_buffer: int = 2000  # samples; a shard smaller than this is fully permuted
+    seed: int = 0  # drives shard order, shuffling and per-sample augmentation
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self):
+        _check(self.batch_size > 0, "data.batch_size", "must be positive")
+        _check(self.unlabeled_batch_ratio >= 0, "data.unlabeled_batch_ratio", "must be >= 0")
+        _check(self.eval_batch_size > 0, "data.eval_batch_size", "must be positive")
+        _check(self.workers >= 0, "data.workers", "must be >= 0")
+        _check(self.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "small_cnn"  # see dist_ssl.models.MODELS
+    hidden_sizes: list[int] = field(default_factory=lambda: [8, 8])  # mlp only
+    dropout: float = 0.0  # before the classifier
+    bn_momentum: float = 0.1  # PyTorch convention (MPL uses 0.001)
+
+    def __post_init__(self):
+        _check(0 <= self.dropout < 1, "model.dropout", "must be in [0, 1)")
+        _check(0 < self.bn_momentum <= 1, "model.bn_momentum", "must be in (0, 1]")
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.03
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4  # not applied to biases and normalization weights
+    schedule: Literal["cosine", "cosine_7_16", "constant"] = "cosine"
+    warmup_steps: int = 0
+    grad_clip: float = 0.0  # max global grad norm; 0 = off
+
+    def __post_init__(self):
+        _check(self.lr > 0, "optim.lr", "must be positive")
+        _check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        _check(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
+
+
+@dataclass
+class PseudoLabelConfig:
+    """Lee (2013): loss = CE(labeled) + alpha(t) * CE(unlabeled, argmax of own prediction)."""
+
+    alpha_final: float = 3.0  # alpha_f
+    ramp_start_epoch: float = 100.0  # T1: alpha = 0 before
+    ramp_end_epoch: float = 600.0  # T2: alpha = alpha_f after
+    threshold: float = 0.0  # optional confidence mask on pseudo-labels (0 = Lee's original)
+
+    def __post_init__(self):
+        _check(self.ramp_end_epoch >= self.ramp_start_epoch, "method.pseudo_label.ramp_end_epoch", "must be >= ramp_start_epoch")
+        _check(0 <= self.threshold < 1, "method.pseudo_label.threshold", "must be in [0, 1)")
+
+
+@dataclass
+class FixMatchConfig:
+    threshold: float = 0.95  # tau
+    unlabeled_weight: float = 1.0  # lambda_u
+    temperature: float = 1.0  # of the weak-view softmax used for the confidence
+
+    def __post_init__(self):
+        _check(0 <= self.threshold <= 1, "method.fixmatch.threshold", "must be in [0, 1]")
+        _check(self.temperature > 0, "method.fixmatch.temperature", "must be positive")
+
+
+@dataclass
+class MethodConfig:
+    name: str = "fixmatch"  # see dist_ssl.methods.METHODS
+    pseudo_label: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
+    fixmatch: FixMatchConfig = field(default_factory=FixMatchConfig)
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/default"
+    epochs: int = 10
+    steps_per_epoch: int = 100
+    eval_every_epochs: int = 1
+    checkpoint_every_epochs: int = 1
+    keep_last: int = 2  # committed checkpoints kept; the newest is never removed
+    resume: str = "auto"  # auto (newest committed checkpoint) | never | path of a step-N folder
+    ema_decay: float = 0.0  # 0 = off; evaluation uses the EMA weights when on
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    log_every_steps: int = 10
+    seed: int = 0  # model init and per-rank dropout
+
+    def __post_init__(self):
+        _check(self.epochs > 0, "train.epochs", "must be positive")
+        _check(self.steps_per_epoch > 0, "train.steps_per_epoch", "must be positive")
+        _check(self.eval_every_epochs > 0, "train.eval_every_epochs", "must be positive")
+        _check(self.checkpoint_every_epochs > 0, "train.checkpoint_every_epochs", "must be positive")
+        _check(self.keep_last >= 1, "train.keep_last", "must be >= 1")
+        _check(0 <= self.ema_decay < 1, "train.ema_decay", "must be in [0, 1)")
+        _check(self.log_every_steps > 0, "train.log_every_steps", "must be positive")
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+# loading
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise UserError(f"config key '{key}' {message}")
+
+
+def valid_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every dotted leaf key of the tree, e.g. 'train.epochs'."""
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        name = prefix + f.name
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys.extend(valid_keys(hints[f.name], name + "."))
+        else:
+            keys.append(name)
+    return keys
+
+
+def _unknown_key(key: str, prefix: str) -> UserError:
+    everything = valid_keys(Config)
+    candidates = difflib.get_close_matches(prefix + key, everything, n=1, cutoff=0.5)
+    if not candidates:  # a misspelt section: compare the last part with every leaf's last part
+        tail = {k.rsplit(".", 1)[-1]: k for k in everything}
+        near = difflib.get_close_matches(key, list(tail), n=1, cutoff=0.6)
+        candidates = [tail[near[0]]] if near else []
+    hint = f" (did you mean '{candidates[0]}'?)" if candidates else ""
+    return UserError(f"unknown config key '{prefix}{key}'{hint}")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML or command-line value to the field's type, or fail naming the key."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise UserError(f"config key '{key}' must be one of {', '.join(map(str, choices))}; got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(value, args[0], key)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str):
+            text = value.strip()
+            value = yaml.safe_load(text) if text.startswith("[") else [v for v in text.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"config key '{key}' expects a list; got {value!r}")
+        return [_coerce(v, item, key) for v in value]
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
+                return True
+            if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
+                return False
+            raise ValueError
+        if tp is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if tp is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if tp is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return str(value)
+    except (TypeError, ValueError):
+        raise UserError(f"config key '{key}' expects {tp.__name__}; got {value!r}") from None
+    raise TypeError(f"unsupported config field type {tp!r} for {key}")
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    if not isinstance(data, dict):
+        raise UserError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping; got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise _unknown_key(str(key), prefix)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = _build(tp, data[f.name] if data[f.name] is not None else {}, prefix + f.name + ".")
+        else:
+            kwargs[f.name] = _coerce(data[f.name], tp, prefix + f.name)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    cls: type = Config
+    for i, part in enumerate(parts):
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            raise _unknown_key(".".join(parts[i:]), ".".join(parts[:i]) + "." if i else "")
+        if i == len(parts) - 1:
+            if dataclasses.is_dataclass(hints[part]):
+                raise UserError(f"config key '{dotted}' is a section; set one of its keys, e.g. '{valid_keys(hints[part], dotted + '.')[0]}=...'")
+            node[part] = value
+        else:
+            if not dataclasses.is_dataclass(hints[part]):
+                raise UserError(f"config key '{'.'.join(parts[: i + 1])}' has no sub-keys")
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+            cls = hints[part]
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """defaults < YAML at `path` < `key=value` overrides."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise UserError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise UserError(f"config file {path} must hold a mapping of sections, not {type(loaded).__name__}")
+        tree = loaded or {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"override '{item}' is not of the form key=value")
+        _set_dotted(tree, key.strip(), value)
+    return _build(Config, tree)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(data: dict) -> Config:
+    return _build(Config, data)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
