@@ -1,0 +1,72 @@
+"""Views of a sample, built from torchvision transforms v2.
+
+`plain` (evaluation and inference), `weak` (random shift, optional flip) and `strong` (weak +
+RandAugment + cutout). A view is two parts:
+
+* `per_sample`: random uint8 -> uint8 transforms applied to each sample on its own (v2 transforms
+  given a batch would draw one random parameter set for the whole batch, wrong for SSL views);
+* `batch`: the deterministic uint8 -> normalized float conversion, applied once to the stacked
+  batch (per sample it cost as much as the shift itself).
+
+Vector data (two moons) has no augmentation: every view is the identity, as in the seed 002 toy
+protocol.
+
+Randomness: the stream seeds torch's default generator per sample before calling `per_sample`
+(see `data.streams`), so a sample's augmentation depends on (seed, epoch, shard, position) only,
+not on worker count, resumption or rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torchvision.transforms import v2
+
+from dist_ssl.config import AugmentConfig
+
+VIEW_NAMES = ("plain", "weak", "strong")
+
+
+@dataclass(frozen=True)
+class View:
+    per_sample: Callable[[torch.Tensor], torch.Tensor]
+    batch: Callable[[torch.Tensor], torch.Tensor]
+
+    def __call__(self, sample: torch.Tensor) -> torch.Tensor:
+        """One sample through both parts (for callers that do not batch)."""
+        return self.batch(self.per_sample(sample)[None])[0]
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _to_float(x: torch.Tensor) -> torch.Tensor:
+    return x.float()
+
+
+def build_views(kind: str, input_shape: tuple[int, ...], mean: list[float], std: list[float], augment: AugmentConfig) -> dict[str, View]:
+    if kind == "vector":
+        return {name: View(_identity, _to_float) for name in VIEW_NAMES}
+    _, height, width = input_shape
+    normalize = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+    shift: list = []
+    pad = round(augment.crop_padding * max(height, width))
+    if pad > 0:
+        shift.append(v2.RandomCrop((height, width), padding=pad, padding_mode="reflect"))
+    if augment.flip:
+        shift.append(v2.RandomHorizontalFlip())
+    strong = shift + [v2.RandAugment(augment.randaugment_ops, augment.randaugment_magnitude)]
+    if augment.cutout > 0:
+        # FixMatch's cutout: one square of side up to `cutout * size` at a random place, filled with
+        # the mean colour (which normalizes to 0).
+        area = augment.cutout**2
+        fill = [round(m * 255) for m in mean]
+        strong.append(v2.RandomErasing(p=1.0, scale=(area * 0.25, area), ratio=(1.0, 1.0), value=fill))
+    return {
+        "plain": View(_identity, normalize),
+        "weak": View(v2.Compose(shift) if shift else _identity, normalize),
+        "strong": View(v2.Compose(strong), normalize),
+    }
