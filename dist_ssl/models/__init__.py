@@ -1,0 +1,29 @@
+"""Model registry: name -> class taking (num_classes, input_shape, ModelConfig)."""
+
+from __future__ import annotations
+
+import difflib
+
+from torch import nn
+
+from dist_ssl.config import ModelConfig
+from dist_ssl.errors import UserError
+from dist_ssl.models.cnn import MnistCNN, SmallCNN
+from dist_ssl.models.mlp import MLP
+
+MODELS: dict[str, type[nn.Module]] = {
+    "small_cnn": SmallCNN,
+    "mnist_cnn": MnistCNN,
+    "mlp": MLP,
+}
+
+
+def build_model(cfg: ModelConfig, num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
+    if cfg.name not in MODELS:
+        near = difflib.get_close_matches(cfg.name, list(MODELS), n=1)
+        hint = f" (did you mean '{near[0]}'?)" if near else ""
+        raise UserError(f"unknown model '{cfg.name}'{hint}; choose from: {', '.join(MODELS)}")
+    try:
+        return MODELS[cfg.name](num_classes, tuple(input_shape), cfg)
+    except ValueError as exc:
+        raise UserError(f"model '{cfg.name}': {exc}") from None

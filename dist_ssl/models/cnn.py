@@ -1,0 +1,68 @@
+"""The small convolutional networks of the seed documents, sized from the input shape."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from dist_ssl.config import ModelConfig
+
+
+def image_shape(input_shape: tuple[int, ...], name: str) -> tuple[int, int, int]:
+    if len(input_shape) != 3:
+        raise ValueError(f"{name} needs images (C, H, W); this dataset has inputs of shape {tuple(input_shape)} (use mlp)")
+    return input_shape
+
+
+class SmallCNN(nn.Module):
+    """Seed 003's CIFAR network: two padded 3x3 convolutions (32, 64) with 2x2 pooling, fc 128.
+
+    Batch norm after each convolution (with `model.bn_momentum`) keeps training stable at the
+    learning rates SSL methods use; the seed network had none.
+    """
+
+    def __init__(self, num_classes: int, input_shape: tuple[int, ...], cfg: ModelConfig):
+        super().__init__()
+        channels, height, width = image_shape(input_shape, "small_cnn")
+        self.conv1 = nn.Conv2d(channels, 32, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(32, momentum=cfg.bn_momentum)
+        self.conv2 = nn.Conv2d(32, 64, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(64, momentum=cfg.bn_momentum)
+        self.fc1 = nn.Linear(64 * (height // 4) * (width // 4), 128)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.fc2 = nn.Linear(128, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)
+        x = F.max_pool2d(F.relu(self.bn2(self.conv2(x))), 2)
+        x = F.relu(self.fc1(x.flatten(1)))
+        return self.fc2(self.dropout(x))
+
+
+class MnistCNN(nn.Module):
+    """Seed 001's MNIST network: 5x5 convolutions (20, 40) with 2x2 pooling, Dropout2d, fc 150.
+
+    Differences from the seed: it returns logits (the seed applied ReLU and log-softmax to the
+    last layer; a ReLU there clips every negative logit), and `model.dropout` sets both dropouts
+    (the seed hard-coded 0.5).
+    """
+
+    def __init__(self, num_classes: int, input_shape: tuple[int, ...], cfg: ModelConfig):
+        super().__init__()
+        channels, height, width = image_shape(input_shape, "mnist_cnn")
+        if min(height, width) < 16:
+            raise ValueError(f"mnist_cnn needs images of at least 16x16 pixels; got {height}x{width} (use small_cnn)")
+        self.conv1 = nn.Conv2d(channels, 20, 5)
+        self.conv2 = nn.Conv2d(20, 40, 5)
+        self.conv2_drop = nn.Dropout2d(cfg.dropout)
+        side_h, side_w = ((height - 4) // 2 - 4) // 2, ((width - 4) // 2 - 4) // 2
+        self.fc1 = nn.Linear(40 * side_h * side_w, 150)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.fc2 = nn.Linear(150, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(F.max_pool2d(self.conv1(x), 2))
+        x = F.relu(F.max_pool2d(self.conv2_drop(self.conv2(x)), 2))
+        x = F.relu(self.fc1(x.flatten(1)))
+        return self.fc2(self.dropout(x))
