@@ -1,0 +1,61 @@
+"""What a method is: it computes losses and says what to step; the engine does the rest.
+
+A method never calls backward or an optimizer itself. It calls `ctx.optimize(role, loss)`, which
+the engine implements (backward, mixed-precision scaling, clipping, optimizer and schedule step,
+EMA update of that role). FixMatch calls it once per step; a teacher-student method calls it once
+per role, in the order its algorithm needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from dist_ssl.config import Config
+
+
+@dataclass
+class TrainBatch:
+    labeled_x: torch.Tensor
+    labeled_y: torch.Tensor
+    unlabeled: dict[str, torch.Tensor] = field(default_factory=dict)  # views by name; never the hidden truth
+
+
+@dataclass
+class StepContext:
+    step: int  # the global step being taken, from 0
+    epoch: float  # step / steps_per_epoch
+    total_steps: int
+    optimize: Callable[[str, torch.Tensor], None]
+
+
+@dataclass
+class StepOutput:
+    metrics: dict[str, torch.Tensor | float]  # scalars to log (tensors are detached by the method)
+    pseudo_labels: torch.Tensor | None = None  # for monitoring against the hidden truth
+    mask: torch.Tensor | None = None  # which pseudo-labels reached the loss (bool)
+
+
+class Method:
+    roles: tuple[str, ...] = ("model",)  # networks the method trains, each with its own optimizer
+    eval_role: str = "model"  # the network that is evaluated and exported
+    labeled_view: str = "weak"
+    unlabeled_views: tuple[str, ...] = ()  # empty: the method does not read the unlabeled pool
+
+    def __init__(self, cfg: Config, nets: dict[str, nn.Module], num_classes: int):
+        self.cfg = cfg
+        self.nets = nets
+        self.num_classes = num_classes
+
+    def train_step(self, batch: TrainBatch, ctx: StepContext) -> StepOutput:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        """Method state that a checkpoint must keep (moving baselines...)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

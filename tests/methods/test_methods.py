@@ -1,0 +1,76 @@
+import pytest
+import torch
+from torch import nn
+
+from dist_ssl.config import load_config
+from dist_ssl.errors import UserError
+from dist_ssl.methods import METHODS, get_method
+from dist_ssl.methods.base import StepContext, TrainBatch
+from dist_ssl.methods.pseudo_label import alpha
+
+
+def test_alpha_ramp_follows_lee_2013():
+    assert alpha(50, 3.0, 100, 600) == 0.0
+    assert alpha(100, 3.0, 100, 600) == 0.0
+    assert alpha(350, 3.0, 100, 600) == pytest.approx(1.5)
+    assert alpha(600, 3.0, 100, 600) == 3.0
+    assert alpha(10_000, 3.0, 100, 600) == 3.0
+
+
+def test_unknown_method_names_the_closest():
+    with pytest.raises(UserError, match="unknown method 'fixmach' \\(did you mean 'fixmatch'\\?\\)"):
+        get_method("fixmach")
+
+
+class Recorder:
+    """Stands in for the engine's optimize(): records what a method asked to step."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, role, loss):
+        assert loss.requires_grad and loss.ndim == 0
+        loss.backward()
+        self.calls.append(role)
+
+
+def batch(n_l=4, n_u=8, views=("weak", "strong")):
+    torch.manual_seed(0)
+    return TrainBatch(torch.randn(n_l, 1, 8, 8), torch.arange(n_l) % 3, {v: torch.randn(n_u, 1, 8, 8) for v in views})
+
+
+def net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_steps_each_role_once(name):
+    cfg = load_config(None, [f"method.name={name}", "method.pseudo_label.ramp_start_epoch=0", "method.pseudo_label.ramp_end_epoch=1"])
+    method_cls = METHODS[name]
+    method = method_cls(cfg, {role: net() for role in method_cls.roles}, 3)
+    recorder = Recorder()
+    out = method.train_step(batch(views=method_cls.unlabeled_views), StepContext(3, 0.5, 10, recorder))
+    assert sorted(recorder.calls) == sorted(method_cls.roles)
+    assert torch.isfinite(torch.as_tensor(out.metrics["loss"]))
+
+
+def run_fixmatch(threshold):
+    cfg = load_config(None, [f"method.fixmatch.threshold={threshold}"])
+    method = METHODS["fixmatch"](cfg, {"model": net()}, 3)
+    return method.train_step(batch(), StepContext(0, 0.0, 10, Recorder()))
+
+
+def test_fixmatch_threshold_masks_pseudo_labels():
+    everything = run_fixmatch(0.0)
+    assert bool(everything.mask.all()) and float(everything.metrics["mask_rate"]) == 1.0
+    nothing = run_fixmatch(1.0)  # a softmax of a random linear net is never exactly 1
+    assert not bool(nothing.mask.any()) and float(nothing.metrics["loss_unlabeled"]) == 0.0
+    assert everything.pseudo_labels.shape == (8,)
+
+
+def test_pseudo_label_skips_the_unlabeled_pass_before_t1():
+    cfg = load_config(None, ["method.pseudo_label.ramp_start_epoch=5"])
+    method = METHODS["pseudo_label"](cfg, {"model": net()}, 3)
+    out = method.train_step(batch(views=("weak",)), StepContext(0, 1.0, 10, Recorder()))
+    assert out.metrics["alpha"] == 0.0 and out.pseudo_labels is None
