@@ -1,0 +1,79 @@
+"""Accuracy and loss of a network over a whole split, every sample exactly once across ranks."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from dist_ssl.data.shards import Manifest
+from dist_ssl.data.streams import EvalStream, loader
+from dist_ssl.errors import UserError
+
+
+@torch.no_grad()
+def evaluate(net: nn.Module, manifest: Manifest, view, accelerator, batch_size: int, workers: int = 0) -> dict:
+    """Sums are reduced over ranks, so a rank with no samples contributes zeros and never blocks."""
+    was_training = net.training
+    net.eval()
+    totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss sum, correct, count
+    stream = EvalStream(manifest, batch_size, view, accelerator.process_index, accelerator.num_processes)
+    try:
+        for batch in loader(stream, min(workers, len(stream.my_units()))):
+            labels = batch["label"].to(accelerator.device)
+            if (labels < 0).any():
+                raise UserError(f"split {manifest.root} has samples without a label (key {batch['keys'][0]}); evaluate on a labeled split")
+            with accelerator.autocast():
+                logits = net(batch["inputs"]["plain"].to(accelerator.device))
+            totals[0] += F.cross_entropy(logits.float(), labels, reduction="sum").double()
+            totals[1] += (logits.argmax(dim=1) == labels).sum()
+            totals[2] += len(labels)
+    finally:
+        net.train(was_training)
+    if accelerator.num_processes > 1:
+        totals = accelerator.reduce(totals, "sum")
+    loss_sum, correct, count = totals.tolist()
+    if count == 0:
+        raise UserError(f"split {manifest.root} is empty")
+    return {"accuracy": correct / count, "loss": loss_sum / count, "samples": int(count)}
+
+
+def evaluate_checkpoint(path: str, shards: str, split: str = "test", batch_size: int = 256, weights: str = "auto") -> dict:
+    """Evaluate a committed checkpoint (step-N folder or run folder) on a split of `shards`."""
+    from pathlib import Path
+
+    import yaml
+
+    from dist_ssl.config import config_from_dict
+    from dist_ssl.data.shards import load_manifest
+    from dist_ssl.data.transforms import build_views
+    from dist_ssl.engine import checkpoint
+    from dist_ssl.engine.accelerator import make_accelerator
+    from dist_ssl.models import build_model
+
+    folder = checkpoint.resolve(path)
+    meta = checkpoint.check_ours(folder)
+    cfg = config_from_dict(yaml.safe_load((folder / "config.yaml").read_text()))
+    root = Path(shards)
+    manifest = load_manifest(root if (root / "manifest.json").is_file() else root / split)
+    if manifest.num_classes != meta["num_classes"] or list(manifest.input_shape) != meta["input_shape"]:
+        raise UserError(
+            f"{manifest.root} ({manifest.num_classes} classes, input {list(manifest.input_shape)}) does not match the "
+            f"checkpoint ({meta['num_classes']} classes, input {meta['input_shape']})"
+        )
+    models = checkpoint.load_file(folder / "model.pt")
+    role = meta["eval_role"]
+    use_ema = weights == "ema" or (weights == "auto" and role in models["emas"])
+    if use_ema and role not in models["emas"]:
+        raise UserError(f"checkpoint {folder} has no EMA weights; use --weights raw")
+    net = build_model(cfg.model, meta["num_classes"], tuple(meta["input_shape"]))
+    if use_ema:  # AveragedModel's state: 'module.'-prefixed weights plus n_averaged
+        net.load_state_dict({k.removeprefix("module."): v for k, v in models["emas"][role].items() if k.startswith("module.")})
+    else:
+        net.load_state_dict(models["nets"][role])
+    accelerator = make_accelerator(cfg.train.mixed_precision)
+    net.to(accelerator.device)
+    # The training split's normalization, not the evaluated split's: the model was trained with it.
+    views = build_views(manifest.kind, manifest.input_shape, meta["mean"], meta["std"], cfg.data.augment)
+    result = evaluate(net, manifest, views["plain"], accelerator, batch_size)
+    return dict(result, checkpoint=str(folder), step=meta["step"], weights="ema" if use_ema else "raw", split=str(manifest.root))
