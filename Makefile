@@ -1,0 +1,29 @@
+# The two set-up commands on a fresh machine:
+#   make demo   train supervised, pseudo_label and fixmatch on digits (2 processes) and print a table
+#   make test   the test suite (what CI runs)
+# Both create .venv on first use and reuse it afterwards.
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torchvision's PyPI wheels are CUDA builds and fail to import against a CPU-only torch wheel
+# (some machines keep one in pip's find-links). Asking for a recent torchvision makes pip take the
+# registry's matching CUDA torch, which runs fine on CPU.
+TORCH := "torchvision>=0.29"
+
+.PHONY: demo test install clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q -e ".[dev]" $(TORCH)
+	touch $@
+
+demo: install
+	$(VENV)/bin/dist-ssl demo --processes 2
+
+test: install
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,119 @@
+"""`dist-ssl` command line: shards, train, evaluate, demo.
+
+Every user error ends as one line on stderr (`dist-ssl: error: ...`) and exit code 2.
+Under `accelerate launch`, errors every rank would raise alike are printed by rank 0 only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from dist_ssl.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line instead of usage + error
+        raise UserError(f"{message} (see `{self.prog} --help`)")
+
+
+def _shards_write(args) -> int:
+    from dist_ssl.data.shards import write_dataset
+    from dist_ssl.data.sources import load_source
+
+    source = load_source(args.source, path=args.path, seed=args.seed)
+    manifests = write_dataset(source, args.out, args.labels_per_class, args.seed, args.test_fraction, args.maxcount)
+    for split, manifest in manifests.items():
+        print(f"{split:>9}: {manifest['num_samples']:>7} samples in {len(manifest['shards'])} shard(s) -> {args.out}/{split}")
+    return 0
+
+
+def _train(args) -> int:
+    from dist_ssl.config import load_config
+    from dist_ssl.engine.loop import train
+
+    train(load_config(args.config, args.overrides))
+    return 0
+
+
+def _evaluate(args) -> int:
+    from dist_ssl.engine.evaluate import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.checkpoint, args.shards, args.split, args.batch_size, args.weights)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"accuracy {result['accuracy']:.4f}  loss {result['loss']:.4f}  ({result['samples']} samples, {result['weights']} weights, {result['checkpoint']})")
+        if args.json:
+            print(json.dumps(result))
+    return 0
+
+
+def _demo(args) -> int:
+    from dist_ssl.demo import run_demo
+
+    return run_demo(args.out, args.shards, args.processes)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="dist-ssl", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    shards = commands.add_parser("shards", help="write WebDataset shards of a source")
+    shard_commands = shards.add_subparsers(dest="shards_command", required=True, parser_class=_Parser)
+    write = shard_commands.add_parser("write", help="class-balanced labeled, unlabeled and test shards + manifests")
+    write.add_argument("source", help="digits | moons | fashion-mnist")
+    write.add_argument("--out", required=True, help="dataset folder to create (must not exist or be empty)")
+    write.add_argument("--labels-per-class", type=int, required=True)
+    write.add_argument("--seed", type=int, default=0)
+    write.add_argument("--path", help="where the source's files are (fashion-mnist: /usr/share/datasets/fashion-mnist)")
+    write.add_argument("--test-fraction", type=float, default=0.3, help="held-out test share for sources without a test split")
+    write.add_argument("--maxcount", type=int, default=10000, help="samples per shard")
+    write.set_defaults(func=_shards_write)
+
+    train = commands.add_parser("train", help="train a method (also under `accelerate launch -m dist_ssl train`)")
+    train.add_argument("config", help="YAML config (see configs/)")
+    train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=5")
+    train.set_defaults(func=_train)
+
+    evaluate = commands.add_parser("evaluate", help="accuracy and loss of a checkpoint on a split")
+    evaluate.add_argument("checkpoint", help="step-N folder, or a run folder (its newest committed checkpoint)")
+    evaluate.add_argument("--shards", required=True, help="dataset folder, or one split's folder")
+    evaluate.add_argument("--split", default="test")
+    evaluate.add_argument("--batch-size", type=int, default=256)
+    evaluate.add_argument("--weights", choices=("auto", "ema", "raw"), default="auto")
+    evaluate.add_argument("--json", action="store_true", help="also print the result as JSON")
+    evaluate.set_defaults(func=_evaluate)
+
+    demo = commands.add_parser("demo", help="digits, 5 labels per class: supervised vs pseudo_label vs fixmatch")
+    demo.add_argument("--out", help="runs go to OUT/<method> (default: runs/demo-<date-time>)")
+    demo.add_argument("--shards", default="shards/digits-5pc")
+    demo.add_argument("--processes", type=int, default=2)
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def _report(exc: UserError) -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0 or getattr(exc, "rank_local", False):
+        prefix = f"[rank {rank}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        print(f"dist-ssl: error: {prefix}{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    code = 0
+    try:
+        args = build_parser().parse_args(argv)
+        code = args.func(args) or 0
+    except UserError as exc:
+        _report(exc)
+        code = 2
+    except KeyboardInterrupt:
+        code = 130
+    finally:
+        if "torch" in sys.modules:  # leave a process group cleanly (accelerate launch warns otherwise)
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
+    sys.exit(code)

@@ -1,0 +1,58 @@
+"""Every bad input: one clear error line on stderr and a non-zero exit, through the real CLI."""
+
+import pytest
+
+from tests.conftest import run_cli
+
+
+def one_error_line(result, expected):
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("dist-ssl: error: ") and expected in lines[0], lines[0]
+
+
+def test_missing_shard_folder(tmp_path):
+    result = run_cli("train", "configs/digits/supervised.yaml", f"data.shards={tmp_path / 'nowhere'}")
+    one_error_line(result, f"shard folder not found: {tmp_path / 'nowhere'}")
+
+
+def test_unknown_config_key(digits_shards):
+    result = run_cli("train", "configs/digits/fixmatch.yaml", f"data.shards={digits_shards}", "train.epoch=3")
+    one_error_line(result, "unknown config key 'train.epoch' (did you mean 'train.epochs'?)")
+
+
+def test_unknown_method(digits_shards):
+    result = run_cli("train", "configs/digits/fixmatch.yaml", f"data.shards={digits_shards}", "method.name=mixmatch")
+    one_error_line(result, "unknown method 'mixmatch'")
+
+
+def test_labels_per_class_larger_than_a_class(tmp_path):
+    result = run_cli("shards", "write", "digits", "--out", str(tmp_path / "d"), "--labels-per-class", "500")
+    one_error_line(result, "--labels-per-class 500 is larger than class '0' has")
+    assert not (tmp_path / "d").exists()
+
+
+def test_checkpoint_folder_that_is_not_ours(tmp_path, digits_shards):
+    (tmp_path / "model.ckpt").write_bytes(b"\x00" * 64)
+    result = run_cli("evaluate", str(tmp_path), "--shards", str(digits_shards))
+    one_error_line(result, "is not a dist-ssl checkpoint")
+
+
+def test_missing_config_file_and_bad_arguments():
+    one_error_line(run_cli("train", "configs/nope.yaml"), "config file not found: configs/nope.yaml")
+    one_error_line(run_cli("shards", "write", "digits"), "the following arguments are required: --out, --labels-per-class")
+    one_error_line(run_cli("shards", "write", "cifar7", "--out", "x", "--labels-per-class", "1"), "unknown source 'cifar7'")
+
+
+@pytest.mark.slow
+def test_write_train_evaluate(tmp_path):
+    written = run_cli("shards", "write", "moons", "--out", str(tmp_path / "moons"), "--labels-per-class", "3", "--seed", "1")
+    assert written.returncode == 0, written.stderr
+    assert "labeled:       6 samples" in written.stdout
+    trained = run_cli("train", "configs/moons/supervised.yaml", f"data.shards={tmp_path / 'moons'}",
+                      f"train.output_dir={tmp_path / 'run'}", "train.epochs=2", "train.steps_per_epoch=50")
+    assert trained.returncode == 0, trained.stderr
+    evaluated = run_cli("evaluate", str(tmp_path / "run"), "--shards", str(tmp_path / "moons"), "--json")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert evaluated.stdout.startswith("accuracy ") and "(600 samples, raw weights" in evaluated.stdout
