@@ -374,8 +374,18 @@ class _HashingFile:
         self.handle.close()
 
 
+def _tar_bytes(sample: dict) -> int:
+    """What a sample adds to a tar: a 512-byte header per member plus its data padded to 512 bytes."""
+    return sum(512 + -(-len(v) // 512) * 512 for k, v in sample.items() if not k.startswith("__"))
+
+
 class SplitWriter:
-    """Encoded samples -> the shards of one split (webdataset's ShardWriter) and their manifest entries."""
+    """Encoded samples -> the shards of one split (webdataset's ShardWriter) and their manifest entries.
+
+    A shard is closed before a sample would take it past `maxsize` file bytes. ShardWriter's own
+    maxsize counts payload bytes only, which for small images is a tenth of the file (tar headers and
+    padding dominate), so the size is tracked here.
+    """
 
     def __init__(self, split_dir: Path, split: str, num_classes: int, maxcount: int = DEFAULT_MAXCOUNT, maxsize: int = DEFAULT_MAXSIZE):
         split_dir.mkdir(parents=True, exist_ok=True)
@@ -386,6 +396,7 @@ class SplitWriter:
         self.truth_histogram = np.zeros(num_classes, np.int64)
         self.shard_labels: list[int] = []
         self.count = 0
+        self.shard_bytes = 0
         self.writer = None
         self.file: _HashingFile | None = None
 
@@ -411,7 +422,7 @@ class SplitWriter:
             # An integer mtime keeps tar headers plain ustar: float mtimes make tarfile add a PAX header to
             # every member, which doubles parsing time when reading. It also makes shards byte-reproducible.
             self.writer = wds.ShardWriter(str(self.split_dir / f"{self.split}-%06d.tar"), maxcount=self.maxcount,
-                                          maxsize=self.maxsize, verbose=0, post=self._closed, opener=self._open, mtime=0)
+                                          maxsize=float("inf"), verbose=0, post=self._closed, opener=self._open, mtime=0)
         sample = {"__key__": key, ext: payload}
         known = None
         for name, value, histogram in (("cls", label, self.histogram), ("truth.cls", truth, self.truth_histogram)):
@@ -421,6 +432,11 @@ class SplitWriter:
                 sample[name] = str(value).encode()
                 histogram[value] += 1
                 known = value
+        size = _tar_bytes(sample)
+        if self.writer.count >= self.maxcount or (self.writer.count and self.shard_bytes + size + 1024 > self.maxsize):
+            self.writer.next_stream()  # 1024: the two zero blocks that end a tar
+            self.shard_bytes = 0
+        self.shard_bytes += size
         self.writer.write(sample)  # may close the previous shard first: count this label only after
         if known is not None:
             self.shard_labels.append(known)

@@ -91,6 +91,19 @@ def fake_imagefolder(root: Path, classes=("cat", "dog", "eel"), per_class: int =
     return root
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Per-sample augmentation of 8x8 digits in the test process: with two intra-op threads on a loaded
+    2-core machine every tiny op waits on a thread barrier (4 ms instead of 3 us for a pad, measured).
+    DataLoader workers run with one thread anyway."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def fake_fashion(tmp_path):
     return fake_idx(tmp_path / "fashion")
