@@ -48,8 +48,9 @@ def _shards_write(args) -> int:
 
 
 def _shards_verify(args) -> int:
-    from dist_ssl.data.shards import verify
+    from dist_ssl.data.shards import one_torch_thread, verify
 
+    one_torch_thread()
     reports = verify(args.folder, args.workers)
     bad = [r for r in reports if r.problems]
     for report in reports:
