@@ -82,3 +82,20 @@ def test_a_bad_label_during_training_is_one_error_line_naming_the_shard(digits_s
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith(f"dist-ssl: error: shard {shards / 'labeled' / 'labeled-000000.tar'}: sample ")
     assert lines[0].endswith("has label 11, outside 0..9 (10 classes)")
+
+
+def test_an_unlabeled_image_folder_joins_a_labeled_dataset(digits_shards, tmp_path):
+    """`shards write images` (no classes, no truth) as the unlabeled split of a labeled dataset."""
+    from dist_ssl.data.sources import load_source
+    from tests.data.conftest import write_png
+
+    digits = load_source("digits")
+    for i in range(300):
+        write_png(tmp_path / "pool" / f"{i % 7}" / f"{i}.png", digits.train.read(i))
+    written = run_cli("shards", "write", "images", "--path", str(tmp_path / "pool"), "--out", str(tmp_path / "pool-shards"),
+                      "--maxcount", "64", "--workers", "2")
+    assert written.returncode == 0, written.stderr
+    assert written.stdout.splitlines() == [f"unlabeled:     300 samples in 5 shard(s) -> {tmp_path / 'pool-shards'}/unlabeled"]
+    result = run_cli(*train_args(digits_shards, tmp_path / "run", "train.epochs=1", f"data.unlabeled={tmp_path / 'pool-shards' / 'unlabeled'}"))
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["steps"] == 4
