@@ -22,7 +22,6 @@ import json
 import os
 import re
 import shutil
-import tarfile
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -404,7 +403,7 @@ class ShardReader:
                 self.samples += 1
                 yield sample
             self.reader.drain()
-        except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
+        except (OSError, EOFError, ValueError) as exc:  # what the tar reader and group_by_keys raise
             failure = exc
         finally:  # also when the consumer stops early: then nothing is raised from here
             try:
@@ -417,7 +416,7 @@ class ShardReader:
             why = f"its reader exited with status {status.group(1)}" if status else str(closing or failure).splitlines()[0]
             raise DataError(f"shard {self.url} could not be read: {why}")
         if failure is not None:
-            first = str(failure).split(" @ ")[0].splitlines()[0] if str(failure) else type(failure).__name__
+            first = str(failure).splitlines()[0] if str(failure) else type(failure).__name__
             raise DataError(f"shard {self.url} is truncated or corrupt after {self.samples} samples ({first})")
 
     def problems(self) -> list[str]:

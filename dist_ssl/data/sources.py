@@ -300,12 +300,16 @@ def read_image_file(path: str | Path) -> np.ndarray:
 
 
 def _file_pool(origin: str, paths: list[str], labels: np.ndarray | None, root: Path) -> Pool:
-    def key(index: int) -> str:
-        # The file's path below the root, made a valid WebDataset key (no dots: they start the extension).
-        relative = os.path.relpath(paths[index], root)
-        return relative.rsplit(".", 1)[0].replace(".", "_").replace(os.sep, "/")
-
-    return Pool(origin, len(paths), lambda index: read_image_file(paths[index]), labels, key)
+    # A sample's key is its file's path below the root, made a valid WebDataset key (no dots: they
+    # start the extension).
+    keys = [os.path.relpath(path, root).rsplit(".", 1)[0].replace(".", "_").replace(os.sep, "/") for path in paths]
+    if len(set(keys)) < len(keys):
+        first = {}
+        for path, key in zip(paths, keys):
+            if key in first:
+                raise UserError(f"{first[key]} and {path} would both be sample {key} (rename one)")
+            first[key] = path
+    return Pool(origin, len(paths), lambda index: read_image_file(paths[index]), labels, keys.__getitem__)
 
 
 def imagefolder(options: SourceOptions) -> Source:

@@ -172,7 +172,8 @@ class Layout:
         order = np.random.default_rng([self.seed, phase]).permutation(len(self.units))
         return [Work(phase, self.units[i]) for i in order[consumer :: self.consumers]]
 
-    def start(self, consumer: int) -> tuple[int, int, int]:
+    def start(self) -> tuple[int, int, int]:
+        """Where a consumer that has not read anything yet begins."""
         return (self.base_epoch - 1, 0, 0) if self.residual else (self.base_epoch, 0, 0)
 
 
@@ -264,13 +265,13 @@ class TrainStream(IterableDataset):
             )
         self.layout = self._redistribute(old, positions)
         self.positions, self.counts, self.batches = {}, {}, 0
-        if self.rank == 0:
-            totals = np.array([s.get("carried", (0, 0)) for s in states] + list(counts.values()) or [(0, 0)]).sum(axis=0)
+        if self.rank == 0:  # the old readers' counts, reported once
+            totals = np.array([s.get("carried", (0, 0)) for s in states] + list(counts.values())).sum(axis=0)
             self.carried = (int(totals[0]), int(totals[1]))
 
     def _redistribute(self, old: Layout, positions: dict[int, tuple[int, int, int]]) -> Layout:
         """What every old consumer had left of the epochs in progress, as residual work of a new layout."""
-        where = {c: positions.get(c, old.start(c)) for c in range(old.consumers)}
+        where = {c: positions.get(c, old.start()) for c in range(old.consumers)}
         last = max(phase for phase, _, _ in where.values())
         left: list[Work] = []
         for consumer, (phase, cursor, offset) in where.items():
@@ -316,7 +317,7 @@ class TrainStream(IterableDataset):
 
     def _batches(self) -> Iterator[dict]:
         consumer = self._consumer()
-        phase, cursor, offset = self.positions.get(consumer, self.layout.start(consumer))
+        phase, cursor, offset = self.positions.get(consumer, self.layout.start())
         checker = SampleChecker(self.manifest, self.max_bad_fraction, *self.counts.get(consumer, (0, 0)))
         pending: list[tuple[int, int, int, dict]] = []
         while True:

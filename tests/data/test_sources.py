@@ -246,3 +246,11 @@ def test_labels_per_class_larger_than_a_class():
         plan_splits(load_source("digits"), labels_per_class=200, seed=0)
     with pytest.raises(UserError, match="source 'digits' needs --labels-per-class N"):
         plan_splits(load_source("digits"), labels_per_class=None, seed=0)
+
+
+def test_two_files_that_would_share_a_key_are_one_clear_error(tmp_path):
+    rng = np.random.default_rng(0)
+    for name in ("a.b.png", "a_b.jpg"):
+        write_png(tmp_path / "pool" / name, rng.integers(0, 256, (4, 4, 3), dtype=np.uint8))
+    with pytest.raises(UserError, match=r"a.b.png and .*a_b.jpg would both be sample a_b \(rename one\)"):
+        load_source("images", path=str(tmp_path / "pool"))
