@@ -235,7 +235,8 @@ def test_a_killed_stream_resumes_with_no_sample_missing_or_repeated(digits_shard
 
     victim = run_stream(split, tmp_path / "state.json", tmp_path / "run.log", total)
     deadline = time.time() + 300
-    while time.time() < deadline and (not (tmp_path / "run.log").exists() or len((tmp_path / "run.log").read_text().splitlines()) < 50):
+    # batch N is logged before its state is saved, so 51 logged lines mean at least 50 saved
+    while time.time() < deadline and (not (tmp_path / "run.log").exists() or len((tmp_path / "run.log").read_text().splitlines()) < 51):
         time.sleep(0.02)
     kill_tree(victim.pid)  # SIGKILL, DataLoader workers included, mid-epoch
     victim.wait()
