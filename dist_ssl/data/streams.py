@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import random
+import signal
 from dataclasses import dataclass
 from itertools import islice
 from typing import Iterator
@@ -264,6 +265,19 @@ class EvalStream(IterableDataset):
         }
 
 
+def _ignore(signum, frame) -> None:
+    pass
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """SLURM signals every process of a job step and torchrun a rank's whole process group, workers
+    included. torch's worker dies on a SIGTERM from anyone but its parent, and the training process
+    then fails at once instead of checkpointing at the next step (engine/preemption.py). Workers
+    leave the signal to it; the DataLoader still stops them, and an orphaned worker exits by itself."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, _ignore)
+
+
 def loader(stream: IterableDataset, workers: int) -> DataLoader:
     """Batches are made inside the stream; the DataLoader only adds worker processes."""
     return DataLoader(
@@ -273,4 +287,5 @@ def loader(stream: IterableDataset, workers: int) -> DataLoader:
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
         pin_memory=torch.cuda.is_available(),
+        worker_init_fn=_ignore_stop_signals if workers > 0 else None,
     )
