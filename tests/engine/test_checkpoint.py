@@ -82,3 +82,95 @@ def test_rng_state_round_trips():
     expected = (random.random(), np.random.rand(), torch.rand(1))
     checkpoint.set_rng_state(state)
     assert (random.random(), np.random.rand()) == expected[:2] and torch.equal(torch.rand(1), expected[2])
+
+
+def test_pruning_renames_before_deleting_and_cleans_its_leftovers(tmp_path, accelerator):
+    root = tmp_path / "checkpoints"
+    save(accelerator, root, 10, keep_last=1)
+    # What a crash in the middle of pruning step-5 leaves: a renamed, half-deleted folder.
+    leftover = root / "step-5.pruned"
+    leftover.mkdir()
+    (leftover / checkpoint.MARKER).write_text("5\n")
+    assert [s for s, _ in checkpoint.committed(root)] == [10]
+    save(accelerator, root, 20, keep_last=1)
+    assert sorted(p.name for p in root.iterdir()) == ["step-20"]
+
+
+def build_parts(model_overrides=(), optimizer="sgd", ema=True, scaler=True):
+    """Real networks, optimizers, schedules, EMA and a CPU GradScaler for the role 'model'."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    from dist_ssl.config import load_config
+    from dist_ssl.engine.optim import build_optimizer, build_scheduler
+    from dist_ssl.models import build_model
+
+    cfg = load_config(None, ["model.name=mlp", f"optim.name={optimizer}", *model_overrides])
+    torch.manual_seed(0)
+    nets = {"model": build_model(cfg.model, 2, (2,))}
+    optimizers = {r: build_optimizer(n, cfg.optim) for r, n in nets.items()}
+    schedulers = {r: build_scheduler(o, 100, cfg.optim) for r, o in optimizers.items()}
+    emas = {r: AveragedModel(n, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True) for r, n in nets.items()} if ema else {}
+    return nets, emas, optimizers, schedulers, torch.amp.GradScaler("cpu") if scaler else None
+
+
+def take_steps(nets, emas, optimizers, schedulers, scaler, steps=3):
+    for _ in range(steps):
+        loss = nets["model"](torch.randn(4, 2)).logsumexp(1).mean()
+        scaler.scale(loss).backward()
+        scaler.step(optimizers["model"])
+        scaler.update()
+        schedulers["model"].step()
+        optimizers["model"].zero_grad()
+        emas["model"].update_parameters(nets["model"])
+
+
+def test_snapshot_and_restore_round_trip_every_piece_by_role(tmp_path, accelerator):
+    parts = build_parts()
+    nets, emas, optimizers, schedulers, scaler = parts
+    take_steps(*parts)
+    scaler.update(new_scale=1024.0)  # a scale the fresh scaler does not start from
+    counters = {"step": 3, "wall_seconds": 1.5, "history": []}
+    checkpoint.save(tmp_path, 3, accelerator, checkpoint.snapshot(*parts, counters), {"method": {"baseline": torch.tensor(0.5)}},
+                    {"method": "m"}, "train: {}\n", 2)
+
+    fresh = build_parts()
+    restored, mine = checkpoint.restore(tmp_path / "step-3", 0, *fresh)
+    assert restored == counters and torch.equal(mine["method"]["baseline"], torch.tensor(0.5))
+    assert fresh[4].get_scale() == 1024.0 and fresh[4].state_dict() == scaler.state_dict()
+    assert fresh[3]["model"].state_dict() == schedulers["model"].state_dict()
+    for a, b in ((nets, fresh[0]), (emas, fresh[1])):
+        for name, tensor in a["model"].state_dict().items():
+            assert torch.equal(tensor, b["model"].state_dict()[name]), name
+    # Restored optimizer state continues exactly: one more step on both gives the same weights.
+    torch.manual_seed(1)
+    take_steps(*parts, steps=1)
+    torch.manual_seed(1)
+    take_steps(*fresh, steps=1)
+    for name, tensor in nets["model"].state_dict().items():
+        assert torch.equal(tensor, fresh[0]["model"].state_dict()[name]), name
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(model_overrides=["model.hidden_sizes=[16,8]"]), r"model network tensor 'net.0.bias' is \[8\] there, \[16\] here"),
+    (dict(optimizer="adamw"), "the model optimizer is SGD there, AdamW here"),
+])
+def test_restore_refuses_what_does_not_fit_and_names_it(tmp_path, accelerator, change, message):
+    parts = build_parts()
+    checkpoint.save(tmp_path, 1, accelerator, checkpoint.snapshot(*parts, {}), {}, {}, "train: {}\n", 2)
+    with pytest.raises(UserError, match=message):
+        checkpoint.restore(tmp_path / "step-1", 0, *build_parts(**change))
+
+
+def test_a_rank_the_checkpoint_has_no_state_for_is_one_clear_error(tmp_path, accelerator):
+    parts = build_parts()
+    checkpoint.save(tmp_path, 1, accelerator, checkpoint.snapshot(*parts, {}), {}, {"world_size": 1}, "train: {}\n", 2)
+    with pytest.raises(UserError, match="was written by 1 processes and holds no state for rank 1; resume with 1 processes"):
+        checkpoint.restore(tmp_path / "step-1", 1, *build_parts())
+
+
+def test_config_changes_name_what_alters_the_run_and_skip_bookkeeping(tmp_path):
+    from dist_ssl.config import load_config, save_config, to_dict
+
+    save_config(load_config(None, []), tmp_path / "config.yaml")
+    changed = load_config(None, ["optim.lr=0.1", "train.keep_last=7", "train.checkpoint_every_steps=50", "train.output_dir=elsewhere"])
+    assert checkpoint.config_changes(tmp_path, to_dict(changed)) == ["optim.lr: 0.03 -> 0.1"]
