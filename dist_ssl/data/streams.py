@@ -24,8 +24,10 @@ samples the uninterrupted run would have seen). Any other layout is refused with
 from __future__ import annotations
 
 import math
+import os
 import random
 import signal
+import threading
 from dataclasses import dataclass
 from itertools import islice
 from typing import Iterator
@@ -265,17 +267,27 @@ class EvalStream(IterableDataset):
         }
 
 
-def _ignore(signum, frame) -> None:
-    pass
-
-
-def _ignore_stop_signals(worker_id: int) -> None:
+def _obey_only_the_parent(worker_id: int) -> None:
     """SLURM signals every process of a job step and torchrun a rank's whole process group, workers
     included. torch's worker dies on a SIGTERM from anyone but its parent, and the training process
-    then fails at once instead of checkpointing at the next step (engine/preemption.py). Workers
-    leave the signal to it; the DataLoader still stops them, and an orphaned worker exits by itself."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, _ignore)
+    then fails at once instead of checkpointing at the next step (engine/preemption.py).
+
+    Here SIGTERM and SIGUSR1 are blocked in the worker and a thread takes them with sigwaitinfo,
+    which tells who sent them: the parent's SIGTERM (the DataLoader's or multiprocessing's shutdown)
+    ends the worker as before, everyone else's is left to the training process. Programs a worker
+    starts inherit the blocked mask (a `pipe:` URL's curl then ends by SIGPIPE or SIGKILL)."""
+    if not hasattr(signal, "sigwaitinfo"):  # macOS: keep torch's behaviour
+        return
+    stop_signals = {signal.SIGTERM, signal.SIGUSR1}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+
+    def wait() -> None:
+        while True:
+            info = signal.sigwaitinfo(stop_signals)
+            if info.si_signo == signal.SIGTERM and info.si_pid == os.getppid():
+                os._exit(0)  # what torch's own handler does for its parent
+
+    threading.Thread(target=wait, name="stop-signals", daemon=True).start()
 
 
 def loader(stream: IterableDataset, workers: int) -> DataLoader:
@@ -287,5 +299,5 @@ def loader(stream: IterableDataset, workers: int) -> DataLoader:
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
         pin_memory=torch.cuda.is_available(),
-        worker_init_fn=_ignore_stop_signals if workers > 0 else None,
+        worker_init_fn=_obey_only_the_parent if workers > 0 else None,
     )

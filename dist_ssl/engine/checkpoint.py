@@ -219,6 +219,23 @@ def prune(root: Path, keep_last: int) -> None:
 # what a checkpoint holds, keyed by role so that any method's networks are saved alike
 
 
+def sync_buffers(modules, accelerator) -> None:
+    """Give every rank rank 0's buffers (batch-norm statistics, EMA counters).
+
+    Under DDP each rank updates rank 0's broadcast statistics with its own batch, so after a step
+    the ranks' buffers differ, and an EMA that averages buffers drifts apart per rank. DDP re-sends
+    rank 0's buffers before the next forward, so training never reads the other ranks' copies; but
+    an evaluation would mix them, and a checkpoint (rank 0's copy) would not hold the other ranks'
+    state. Called before both, it makes the evaluated and the saved model the same on every rank."""
+    if accelerator.num_processes == 1:
+        return
+    import torch.distributed as dist
+
+    for module in modules:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def _unwrapped(optimizer):
     return getattr(optimizer, "optimizer", optimizer)  # accelerate wraps optimizers in AcceleratedOptimizer
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from accelerate.utils import set_seed
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from dist_ssl.config import Config, save_config, to_dict
@@ -175,6 +176,7 @@ def train(cfg: Config) -> dict:
     samples_per_step = cfg.data.batch_size + (cfg.data.batch_size * cfg.data.unlabeled_batch_ratio if unlabeled_stream else 0)
 
     def run_eval(step: int) -> dict:
+        checkpoint.sync_buffers([*raw.values(), *emas.values()], accelerator)
         with torch.random.fork_rng(devices=[]):  # its DataLoader draws a seed: keep that out of the training RNG
             result = evaluate(eval_net, data.test, views["plain"], accelerator, cfg.data.eval_batch_size, workers)
         logger.scalars("eval", {"accuracy": result["accuracy"], "loss": result["loss"]}, step)
@@ -185,6 +187,7 @@ def train(cfg: Config) -> dict:
         started = time.time()
         state["step"] = step
         state["wall_seconds"] = wall_before + started - session_start
+        checkpoint.sync_buffers([*raw.values(), *emas.values()], accelerator)
         shared = checkpoint.snapshot(raw, emas, optimizers, schedulers, accelerator.scaler, state)
         streams = {"labeled": labeled_stream.state_dict()}
         if unlabeled_stream is not None:
@@ -200,12 +203,12 @@ def train(cfg: Config) -> dict:
     session_start, wall_before, start_step = time.time(), state["wall_seconds"], state["step"]
     labeled_batches = iter(loader(labeled_stream, workers))
     unlabeled_batches = iter(loader(unlabeled_stream, workers)) if unlabeled_stream is not None else None
-    # Creating a DataLoader iterator draws a seed from the global RNG: set each rank's RNG after that,
-    # or a resumed run's dropout stream would drift from the uninterrupted run's.
+    # Creating a DataLoader iterator draws a seed from the global RNG: set each rank's RNGs (python,
+    # numpy, torch, CUDA: all that a checkpoint saves) after that, or a resumed run would drift.
     if resume_from is not None:
         checkpoint.set_rng_state(mine["rng"])
     else:
-        torch.manual_seed(mix(cfg.train.seed, 1, rank))
+        set_seed(mix(cfg.train.seed, 1, rank) % 2**32)
     boundary = preemption.StepBoundary(cfg.train, accelerator)
     stopped = None
     last_eval = None
