@@ -174,3 +174,34 @@ def test_config_changes_name_what_alters_the_run_and_skip_bookkeeping(tmp_path):
     save_config(load_config(None, []), tmp_path / "config.yaml")
     changed = load_config(None, ["optim.lr=0.1", "train.keep_last=7", "train.checkpoint_every_steps=50", "train.output_dir=elsewhere"])
     assert checkpoint.config_changes(tmp_path, to_dict(changed)) == ["optim.lr: 0.03 -> 0.1"]
+
+
+def test_a_crash_just_before_the_marker_leaves_the_previous_checkpoint_resumed(digits_shards, tmp_path, monkeypatch, capsys):
+    """Every file of step-6 is written and fsynced, then the disk fills up while the marker is
+    written: the folder does not count, step-4 is resumed, and the run ends as if nothing happened."""
+    from dist_ssl.engine.loop import train
+    from tests.conftest import assert_same_checkpoint, tiny_config
+
+    overrides = ("model.dropout=0.3", "train.checkpoint_every_steps=3", "train.keep_last=1")
+    train(tiny_config(digits_shards, tmp_path / "reference", "fixmatch", *overrides))
+    run = tmp_path / "run"
+    write_text = checkpoint.atomic_write_text
+
+    def disk_full_at_the_marker_of_step_6(path, text):
+        if path.name == checkpoint.MARKER and path.parent.name == "step-6":
+            path.with_name(path.name + ".tmp").write_text(text[:1])
+            raise OSError(28, "No space left on device")
+        write_text(path, text)
+
+    monkeypatch.setattr(checkpoint, "atomic_write_text", disk_full_at_the_marker_of_step_6)
+    with pytest.raises(OSError, match="No space left"):
+        train(tiny_config(digits_shards, run, "fixmatch", *overrides))
+    monkeypatch.undo()
+    folder = run / "checkpoints" / "step-6"
+    assert {"model.pt", "training.pt", "rank-00000.pt", "meta.json", "COMMITTED.tmp"} <= {p.name for p in folder.iterdir()}
+    assert checkpoint.latest(run / "checkpoints") == run / "checkpoints" / "step-4"  # keep_last=1 kept the newest committed
+
+    capsys.readouterr()
+    train(tiny_config(digits_shards, run, "fixmatch", *overrides))
+    assert f"resumed from {run / 'checkpoints' / 'step-4'} at step 4" in capsys.readouterr().out
+    assert_same_checkpoint(tmp_path / "reference" / "checkpoints" / "step-8", run / "checkpoints" / "step-8")
