@@ -32,17 +32,20 @@ def _shards_write(args) -> int:
 
 
 def _train(args) -> int:
-    from dist_ssl.config import load_config
     from dist_ssl.engine import preemption
+
+    # SIGTERM/SIGUSR1 from here to the exit: checkpoint at the next step boundary and exit 75. First,
+    # so that a signal during the seconds of imports below does not kill the process.
+    preemption.install()
+    from dist_ssl.config import load_config
     from dist_ssl.engine.loop import train
 
-    with preemption.catch_signals():  # SIGTERM/SIGUSR1: checkpoint at the next step boundary, exit 75
-        try:
-            train(load_config(args.config, args.overrides))
-        except preemption.Preempted as stopped:
-            if int(os.environ.get("RANK", "0")) == 0:
-                print(f"dist-ssl: {stopped} (exit {preemption.REQUEUE_EXIT_CODE})", file=sys.stderr, flush=True)
-            return preemption.REQUEUE_EXIT_CODE
+    try:
+        train(load_config(args.config, args.overrides))
+    except preemption.Preempted as stopped:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"dist-ssl: {stopped} (exit {preemption.REQUEUE_EXIT_CODE})", file=sys.stderr, flush=True)
+        return preemption.REQUEUE_EXIT_CODE
     return 0
 
 

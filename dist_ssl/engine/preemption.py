@@ -2,15 +2,17 @@
 
 A cluster announces that it will take the machines away with a signal: SLURM's `--signal=USR1@T`
 before the time limit, SIGTERM on preemption or `scancel`, torchrun forwarding the SIGTERM it got.
-Inside `catch_signals()` (the `train` command runs in it), SIGTERM and SIGUSR1 only set a flag.
+Once `install()`ed (the `train` command does it first, before importing torch, and keeps it until
+the process exits) or inside `catch_signals()`, SIGTERM and SIGUSR1 only set a flag: a signal
+during start-up stops the run after its first step, one after the last step changes nothing.
 
 At every step boundary the ranks all-reduce (MAX) that flag together with "the minutes interval has
 passed on my clock": one rank receiving the signal is enough, and every rank takes the same
 decision at the same step. The run then commits a checkpoint and raises `Preempted`; the command
 line exits with `REQUEUE_EXIT_CODE` (75), and running the same command again resumes from it.
 
-DataLoader workers are forked inside `catch_signals()` and inherit the flag handler, so a signal sent
-to a whole process group or cgroup (SLURM does that) does not kill them under the training process.
+A signal sent to a whole process group or cgroup (torchrun and SLURM do that) also reaches the
+DataLoader workers, which leave it to the training process (`data/streams.py`).
 """
 
 from __future__ import annotations
@@ -21,9 +23,6 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
-
-import torch
-import torch.distributed as dist
 
 from dist_ssl.config import TrainConfig
 
@@ -43,15 +42,21 @@ def received() -> int:
     return _received
 
 
-@contextmanager
-def catch_signals() -> Iterator[None]:
-    """Inside this block SIGTERM and SIGUSR1 set the stop flag instead of killing the process."""
+def install() -> dict:
+    """From now on SIGTERM and SIGUSR1 set the stop flag instead of killing the process; returns the
+    handlers they had. Only the main thread may set handlers: elsewhere this does nothing."""
     global _received
     _received = 0
-    if threading.current_thread() is not threading.main_thread():  # Python only lets the main thread set handlers
-        yield
-        return
-    previous = {sig: signal.signal(sig, _record) for sig in SIGNALS}
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, _record) for sig in SIGNALS}
+
+
+@contextmanager
+def catch_signals() -> Iterator[None]:
+    """`install()` for the duration of the block (training in-process, e.g. from a notebook or a test)."""
+    global _received
+    previous = install()
     try:
         yield
     finally:
@@ -78,6 +83,8 @@ class StepBoundary:
     """Decides, the same way on every rank, whether to checkpoint and stop after a step."""
 
     def __init__(self, cfg: TrainConfig, accelerator):
+        import torch.distributed as dist  # here, not at the top: `install()` must not wait for torch
+
         self.cfg = cfg
         self.group = None
         self.distributed = accelerator.num_processes > 1
@@ -89,6 +96,9 @@ class StepBoundary:
 
     def decide(self, done: int) -> Decision:
         """Called by every rank after `done` steps; one tiny all-reduce when distributed."""
+        import torch
+        import torch.distributed as dist
+
         cfg = self.cfg
         minutes_due = cfg.checkpoint_every_minutes > 0 and time.monotonic() - self.last_checkpoint >= 60 * cfg.checkpoint_every_minutes
         flags = torch.tensor([_received, int(minutes_due)], dtype=torch.int64)

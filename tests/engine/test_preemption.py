@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -60,6 +61,28 @@ def test_a_signalled_run_stops_after_committing_and_resumes_bit_identical(digits
         assert not (run / "results.json").exists()
     assert train(cfg)["steps"] == 8
     assert_same_checkpoint(tmp_path / "reference" / "checkpoints" / "step-8", run / "checkpoints" / "step-8")
+
+
+def catches(pid: int, sig: int) -> bool:
+    status = Path(f"/proc/{pid}/status").read_text()
+    caught = int(next(line for line in status.splitlines() if line.startswith("SigCgt:")).split()[1], 16)
+    return bool(caught & (1 << (sig - 1)))
+
+
+def test_a_signal_while_the_command_starts_stops_it_after_one_step(digits_shards, tmp_path):
+    """SLURM's warning may come while a requeued job is still importing torch: it must not kill it."""
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "dist_ssl", "train", "configs/digits/supervised.yaml", f"data.shards={digits_shards}",
+                             f"train.output_dir={run}", "train.epochs=1", "train.steps_per_epoch=4"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not catches(proc.pid, signal.SIGUSR1):
+        assert proc.poll() is None
+        time.sleep(0.005)
+    assert "torch" not in Path(f"/proc/{proc.pid}/maps").read_text()  # still starting: torch not even loaded
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == preemption.REQUEUE_EXIT_CODE, err
+    assert f"dist-ssl: stopped by SIGUSR1 at step 1 after committing {run / 'checkpoints' / 'step-1'}" in err
 
 
 # ----------------------------------------------------------------------------------------------
