@@ -38,7 +38,7 @@ def _record(signum: int, frame) -> None:
 
 
 def received() -> int:
-    """The signal number caught by this process inside `catch_signals()`, or 0."""
+    """The signal this process caught since `install()` (or inside `catch_signals()`), or 0."""
     return _received
 
 
