@@ -1,6 +1,7 @@
 """`dist-ssl` command line: shards, train, evaluate, demo.
 
-Every user error ends as one line on stderr (`dist-ssl: error: ...`) and exit code 2.
+Every user error ends as one line on stderr (`dist-ssl: error: ...`) and exit code 2. A training run
+stopped by SIGTERM/SIGUSR1 commits a checkpoint and exits with 75: run the same command to resume.
 Under `accelerate launch`, errors every rank would raise alike are printed by rank 0 only.
 """
 
@@ -65,10 +66,20 @@ def _shards_verify(args) -> int:
 
 
 def _train(args) -> int:
+    from dist_ssl.engine import preemption
+
+    # SIGTERM/SIGUSR1 from here to the exit: checkpoint at the next step boundary and exit 75. First,
+    # so that a signal during the seconds of imports below does not kill the process.
+    preemption.install()
     from dist_ssl.config import load_config
     from dist_ssl.engine.loop import train
 
-    train(load_config(args.config, args.overrides))
+    try:
+        train(load_config(args.config, args.overrides))
+    except preemption.Preempted as stopped:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"dist-ssl: {stopped} (exit {preemption.REQUEUE_EXIT_CODE})", file=sys.stderr, flush=True)
+        return preemption.REQUEUE_EXIT_CODE
     return 0
 
 

@@ -128,7 +128,9 @@ class TrainConfig:
     epochs: int = 10
     steps_per_epoch: int = 100
     eval_every_epochs: int = 1
-    checkpoint_every_epochs: int = 1
+    checkpoint_every_epochs: int = 1  # 0 = only at the end, on signals and the intervals below
+    checkpoint_every_steps: int = 0  # 0 = off; bounds the work a hard kill can lose on long epochs
+    checkpoint_every_minutes: float = 0.0  # 0 = off; wall clock, the ranks agree at a step boundary
     keep_last: int = 2  # committed checkpoints kept; the newest is never removed
     resume: str = "auto"  # auto (newest committed checkpoint) | never | path of a step-N folder
     ema_decay: float = 0.0  # 0 = off; evaluation uses the EMA weights when on
@@ -140,7 +142,9 @@ class TrainConfig:
         _check(self.epochs > 0, "train.epochs", "must be positive")
         _check(self.steps_per_epoch > 0, "train.steps_per_epoch", "must be positive")
         _check(self.eval_every_epochs > 0, "train.eval_every_epochs", "must be positive")
-        _check(self.checkpoint_every_epochs > 0, "train.checkpoint_every_epochs", "must be positive")
+        _check(self.checkpoint_every_epochs >= 0, "train.checkpoint_every_epochs", "must be >= 0 (0 = off)")
+        _check(self.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", "must be >= 0 (0 = off)")
+        _check(self.checkpoint_every_minutes >= 0, "train.checkpoint_every_minutes", "must be >= 0 (0 = off)")
         _check(self.keep_last >= 1, "train.keep_last", "must be >= 1")
         _check(0 <= self.ema_decay < 1, "train.ema_decay", "must be in [0, 1)")
         _check(self.log_every_steps > 0, "train.log_every_steps", "must be positive")

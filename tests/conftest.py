@@ -47,10 +47,53 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def accelerate_command(processes: int, *args: str) -> list[str]:
-    """A real N-process `accelerate launch` (gloo on CPU) on a free port."""
+def accelerate_command(processes: int, *args: str, entry: tuple[str, ...] = ("-m", "dist_ssl")) -> list[str]:
+    """A real N-process `accelerate launch` (gloo on CPU) on a free port; `entry` is what each rank runs."""
     return [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
         "--num_processes", str(processes), "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(free_port()), "-m", "dist_ssl", *args,
+        "--main_process_port", str(free_port()), *entry, *args,
     ]
+
+
+def kill_tree(pid: int, sig: int = 9) -> None:
+    """Signal (SIGKILL by default) a launcher and every rank at once: torchrun starts ranks in
+    sessions of their own, so signalling the launcher's process group would leave them running."""
+    import psutil
+
+    parent = psutil.Process(pid)
+    for proc in [parent, *parent.children(recursive=True)]:
+        try:
+            proc.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
+
+
+def assert_same_checkpoint(a: Path, b: Path) -> None:
+    """Every file of two step-N folders holds the same state down to the last bit: weights, EMA,
+    optimizer and schedule state, counters, each rank's RNG, stream position, method state and
+    logging window. Only wall-clock seconds may differ."""
+    import torch
+
+    from dist_ssl.engine import checkpoint
+
+    names = sorted(p.name for p in a.glob("*.pt"))
+    assert names == sorted(p.name for p in b.glob("*.pt")), (a, b)
+
+    def same(x, y, where):
+        if isinstance(x, torch.Tensor):
+            assert isinstance(y, torch.Tensor) and x.dtype == y.dtype and torch.equal(x, y), where
+        elif isinstance(x, dict):
+            assert x.keys() == y.keys(), where
+            for key in x:
+                if key != "wall_seconds":
+                    same(x[key], y[key], f"{where}/{key}")
+        elif isinstance(x, (list, tuple)):
+            assert len(x) == len(y), where
+            for i, (u, v) in enumerate(zip(x, y)):
+                same(u, v, f"{where}[{i}]")
+        else:
+            assert x == y, f"{where}: {x!r} != {y!r}"
+
+    for name in names:
+        same(checkpoint.load_file(a / name), checkpoint.load_file(b / name), name)

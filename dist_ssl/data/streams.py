@@ -34,8 +34,11 @@ one-line error.
 from __future__ import annotations
 
 import math
+import os
 import random
+import signal
 import sys
+import threading
 from dataclasses import dataclass
 from itertools import islice
 from typing import Iterator
@@ -427,6 +430,29 @@ class EvalStream(IterableDataset):
         }
 
 
+def _obey_only_the_parent(worker_id: int) -> None:
+    """SLURM signals every process of a job step and torchrun a rank's whole process group, workers
+    included. torch's worker dies on a SIGTERM from anyone but its parent, and the training process
+    then fails at once instead of checkpointing at the next step (engine/preemption.py).
+
+    Here SIGTERM and SIGUSR1 are blocked in the worker and a thread takes them with sigwaitinfo,
+    which tells who sent them: the parent's SIGTERM (the DataLoader's or multiprocessing's shutdown)
+    ends the worker as before, everyone else's is left to the training process. Programs a worker
+    starts inherit the blocked mask (a `pipe:` URL's curl then ends by SIGPIPE or SIGKILL)."""
+    if not hasattr(signal, "sigwaitinfo"):  # macOS: keep torch's behaviour
+        return
+    stop_signals = {signal.SIGTERM, signal.SIGUSR1}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+
+    def wait() -> None:
+        while True:
+            info = signal.sigwaitinfo(stop_signals)
+            if info.si_signo == signal.SIGTERM and info.si_pid == os.getppid():
+                os._exit(0)  # what torch's own handler does for its parent
+
+    threading.Thread(target=wait, name="stop-signals", daemon=True).start()
+
+
 class Batches:
     """A DataLoader's batches, with a DataError found in a worker raised here as the same one-line
     error (DataLoader itself would re-raise it wrapped in a multi-line traceback text)."""
@@ -453,4 +479,10 @@ def loader(stream: IterableDataset, workers: int) -> Batches:
         num_workers=workers,
         prefetch_factor=4 if workers > 0 else None,
         pin_memory=torch.cuda.is_available(),
+        worker_init_fn=_obey_only_the_parent if workers > 0 else None,
+        # Its workers' base seed comes from a generator of its own: drawn from the global one when the
+        # iterator starts (lazily, at the first batch), it would shift the training RNG (dropout,
+        # sampled pseudo-labels) of a resumed run against the uninterrupted one. Samples are seeded
+        # by position anyway (collate).
+        generator=torch.Generator(),
     ))

@@ -6,14 +6,20 @@ the new one, and `load_state` picks a folder without checking it is complete. He
 1. every rank writes its files (tmp name, fsync, rename); rank 0 writes the shared ones;
 2. barrier;
 3. rank 0 writes `meta.json`, then the `COMMITTED` marker last (tmp, fsync, rename, fsync dir);
-4. only then are older checkpoints pruned to `keep_last`, never the newest committed one.
+4. only then are older checkpoints pruned to `keep_last`, never the newest committed one; a pruned
+   folder is first renamed out of the `step-N` namespace, so a crash mid-delete never leaves a
+   committed folder with files missing.
 
 A folder without the marker is the leftover of a crash and is never loaded. Everything loads with
 `torch.load(weights_only=True)`: a checkpoint cannot execute code.
 
-Files: `model.pt` (networks and their EMA: what `evaluate` needs), `training.pt` (optimizers,
-schedules, method state, counters), `rank-NNNNN.pt` (each rank's RNG and stream positions),
-`config.yaml` (the resolved config), `meta.json`.
+Files: `model.pt` (networks and their EMA by role: what `evaluate` needs), `training.pt`
+(optimizers, schedules and the fp16 grad scaler by role, counters), `rank-NNNNN.pt` (each rank's
+RNG states, stream positions, method state and unflushed logging window), `config.yaml` (the
+resolved config), `meta.json` (identity, world size, why it was written).
+
+When a checkpoint is written (every N epochs/steps/minutes, on a signal) is decided in
+`engine/preemption.py`.
 """
 
 from __future__ import annotations
@@ -35,6 +41,13 @@ from dist_ssl.errors import UserError
 FORMAT = "dist-ssl-checkpoint/1"
 MARKER = "COMMITTED"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_PRUNED = ".pruned"  # suffix of a folder being deleted; never a checkpoint
+# Config keys that change neither the weights nor the data a resumed run sees.
+BOOKKEEPING_KEYS = frozenset({
+    "train.output_dir", "train.resume", "train.keep_last", "train.log_every_steps", "train.eval_every_epochs",
+    "train.checkpoint_every_epochs", "train.checkpoint_every_steps", "train.checkpoint_every_minutes",
+    "data.eval_batch_size",
+})
 
 
 def _fsync_dir(path: Path) -> None:
@@ -78,6 +91,18 @@ def committed(root: Path) -> list[tuple[int, Path]]:
 def latest(root: Path) -> Path | None:
     found = committed(root)
     return found[-1][1] if found else None
+
+
+def refuse_to_mix(root: Path, start_step: int, why: str) -> None:
+    """A run must not write into a checkpoints folder that already holds committed checkpoints newer
+    than its own start: `save` keeps an already committed step-N folder, so the folder would mix two
+    runs and a later `resume=auto` would pick the other run's weights."""
+    newer = [folder for step, folder in committed(root) if step > start_step]
+    if newer:
+        raise UserError(
+            f"{root} already holds committed checkpoints newer than this run's start at step {start_step} ({why}), "
+            f"up to {newer[-1].name}: they would mix with this run's; use another train.output_dir or move {root} away"
+        )
 
 
 def resolve(path: str | Path) -> Path:
@@ -165,6 +190,7 @@ def save(
             atomic_torch_save(obj, path / f"{stem}.pt")
         atomic_write_text(path / "config.yaml", config_text)
     atomic_torch_save(per_rank, path / f"rank-{accelerator.process_index:05d}.pt")
+    _fsync_dir(path)  # each rank makes its own renames durable (ranks may sit on other nodes)
     accelerator.wait_for_everyone()
     if main:
         atomic_write_text(path / "meta.json", json.dumps(dict(meta, format=FORMAT, step=step, saved_at=time.time()), indent=1))
@@ -177,14 +203,138 @@ def save(
 
 
 def prune(root: Path, keep_last: int) -> None:
-    """Keep the newest `keep_last` committed checkpoints; drop crash leftovers older than the newest."""
+    """Keep the newest `keep_last` committed checkpoints; drop crash leftovers older than the newest.
+
+    A folder is renamed out of the `step-N` namespace before it is deleted: a crash in the middle
+    of the delete leaves a `.pruned` folder that nothing loads, never a half-deleted checkpoint."""
     found = committed(root)
     if not found:
         return
     newest_step = found[-1][0]
-    for _, old in found[: max(0, len(found) - keep_last)]:
-        shutil.rmtree(old, ignore_errors=True)
+    doomed = [old for _, old in found[: max(0, len(found) - keep_last)]]
     for child in root.iterdir():
         match = _STEP_DIR.match(child.name)
         if match and not (child / MARKER).is_file() and int(match.group(1)) < newest_step:
+            doomed.append(child)
+    for folder in doomed:
+        trash = folder.with_name(folder.name + _PRUNED)
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(folder, trash)
+    if doomed:
+        _fsync_dir(root)
+    for child in root.iterdir():
+        if child.name.endswith(_PRUNED):
             shutil.rmtree(child, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# what a checkpoint holds, keyed by role so that any method's networks are saved alike
+
+
+def sync_buffers(modules, accelerator) -> None:
+    """Give every rank rank 0's buffers (batch-norm statistics, EMA counters).
+
+    Under DDP each rank updates rank 0's broadcast statistics with its own batch, so after a step
+    the ranks' buffers differ, and an EMA that averages buffers drifts apart per rank. DDP re-sends
+    rank 0's buffers before the next forward, so training never reads the other ranks' copies; but
+    an evaluation would mix them, and a checkpoint (rank 0's copy) would not hold the other ranks'
+    state. Called before both, it makes the evaluated and the saved model the same on every rank."""
+    if accelerator.num_processes == 1:
+        return
+    import torch.distributed as dist
+
+    for module in modules:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+def _unwrapped(optimizer):
+    return getattr(optimizer, "optimizer", optimizer)  # accelerate wraps optimizers in AcceleratedOptimizer
+
+
+def snapshot(nets: dict, emas: dict, optimizers: dict, schedulers: dict, scaler, counters: dict) -> dict[str, Any]:
+    """The files rank 0 writes: `model` (what evaluation needs) and `training` (the rest of a resume).
+
+    `nets` are the unwrapped networks by role, `scaler` the fp16 GradScaler or None."""
+    return {
+        "model": {"nets": {r: n.state_dict() for r, n in nets.items()}, "emas": {r: e.state_dict() for r, e in emas.items()}},
+        "training": {
+            "optimizers": {r: o.state_dict() for r, o in optimizers.items()},
+            "optimizer_types": {r: type(_unwrapped(o)).__name__ for r, o in optimizers.items()},
+            "schedulers": {r: s.state_dict() for r, s in schedulers.items()},
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "state": counters,
+        },
+    }
+
+
+def _refuse(path: Path, what: str) -> UserError:
+    return UserError(f"checkpoint {path} is incompatible with this config: {what} (use another train.output_dir, or train.resume=never)")
+
+
+def _check_shapes(path: Path, role: str, saved: dict, net) -> None:
+    here = {name: tuple(t.shape) for name, t in net.state_dict().items()}
+    there = {name: tuple(t.shape) for name, t in saved.items()}
+    for name in sorted(here.keys() | there.keys()):
+        if here.get(name) != there.get(name):
+            shown = {k: "absent" if v is None else list(v) for k, v in (("there", there.get(name)), ("here", here.get(name)))}
+            raise _refuse(path, f"{role} network tensor '{name}' is {shown['there']} there, {shown['here']} here")
+
+
+def rank_file(path: Path, rank: int) -> Any:
+    """One rank's own state; a clear error when the checkpoint was written by fewer processes."""
+    file = path / f"rank-{rank:05d}.pt"
+    if not file.is_file() and (path / "meta.json").is_file():
+        world = json.loads((path / "meta.json").read_text()).get("world_size")
+        raise UserError(f"checkpoint {path} was written by {world} processes but holds no state for rank {rank}: a file is missing")
+    return load_file(file)
+
+
+def restore(path: Path, rank: int | None, nets: dict, emas: dict, optimizers: dict, schedulers: dict, scaler) -> tuple[dict, dict]:
+    """Load a committed checkpoint into freshly built objects (before `accelerator.prepare`).
+
+    Returns (counters, this rank's own state, or None when `rank` is None). Refuses, naming what differs, a checkpoint whose
+    networks or optimizers do not fit: another architecture or width, another optimizer type."""
+    models = load_file(path / "model.pt")
+    training = load_file(path / "training.pt")
+    mine = rank_file(path, rank) if rank is not None else None
+    for role, net in nets.items():
+        if role not in models["nets"]:
+            raise _refuse(path, f"it has no '{role}' network (it has {', '.join(models['nets'])})")
+        _check_shapes(path, role, models["nets"][role], net)
+        kind, saved_kind = type(_unwrapped(optimizers[role])).__name__, training["optimizer_types"][role]
+        if kind != saved_kind:
+            raise _refuse(path, f"the {role} optimizer is {saved_kind} there, {kind} here")
+    for role, net in nets.items():
+        net.load_state_dict(models["nets"][role])
+        optimizers[role].load_state_dict(training["optimizers"][role])
+        schedulers[role].load_state_dict(training["schedulers"][role])
+    for role, ema in emas.items():
+        if role in models["emas"]:  # EMA switched on since: it starts from the current weights
+            ema.load_state_dict(models["emas"][role])
+    if scaler is not None and training["scaler"] is not None:
+        scaler.load_state_dict(training["scaler"])
+    return training["state"], mine
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def config_changes(path: Path, resolved: dict) -> list[str]:
+    """'key: old -> new' for every setting that differs from the checkpoint's and may change the run."""
+    import yaml
+
+    try:
+        saved = _flatten(yaml.safe_load((path / "config.yaml").read_text()) or {})
+    except (OSError, yaml.YAMLError):
+        return ["config.yaml: unreadable in the checkpoint"]
+    now = _flatten(resolved)
+    return [f"{key}: {saved.get(key)!r} -> {now.get(key)!r}" for key in sorted(saved.keys() | now.keys())
+            if key not in BOOKKEEPING_KEYS and saved.get(key) != now.get(key)]

@@ -61,6 +61,15 @@ class RunLogger:
             self.bar.set_postfix(loss=f"{averaged['loss']:.3f}", refresh=False)
         return averaged
 
+    def state_dict(self) -> dict:
+        """The window not flushed yet: a checkpoint taken between two flushes keeps it, so a resumed
+        run logs the same curves as an uninterrupted one."""
+        return {"window": {n: torch.stack(v) for n, v in self.window.items()}, "ratios": dict(self.ratios)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.window = {n: list(values) for n, values in state["window"].items()}
+        self.ratios = dict(state["ratios"])
+
     def advance(self) -> None:
         if self.bar is not None:
             self.bar.update(1)

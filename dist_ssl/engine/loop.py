@@ -14,13 +14,14 @@ from pathlib import Path
 
 import torch
 import yaml
+from accelerate.utils import set_seed
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from dist_ssl.config import Config, save_config, to_dict
 from dist_ssl.data.shards import Manifest, load_manifest
 from dist_ssl.data.streams import TrainStream, loader, mix
 from dist_ssl.data.transforms import build_views
-from dist_ssl.engine import checkpoint
+from dist_ssl.engine import checkpoint, preemption
 from dist_ssl.engine.accelerator import make_accelerator
 from dist_ssl.engine.evaluate import evaluate
 from dist_ssl.engine.logging import RunLogger
@@ -104,6 +105,9 @@ def train(cfg: Config) -> dict:
         resume_from = checkpoint.latest(ckpt_root)
     elif cfg.train.resume != "never":
         resume_from = checkpoint.resolve(cfg.train.resume)
+    if cfg.train.resume != "auto":
+        start = 0 if resume_from is None else int(checkpoint.check_ours(resume_from)["step"])
+        checkpoint.refuse_to_mix(ckpt_root, start, f"train.resume={cfg.train.resume}")
     identity = {
         "method": cfg.method.name,
         "model": cfg.model.name,
@@ -128,30 +132,17 @@ def train(cfg: Config) -> dict:
     method = method_cls(cfg, {}, data.labeled.num_classes)
     state = {"step": 0, "wall_seconds": 0.0, "history": []}
     streams_state: dict = {}
+    mine: dict | None = None
     if resume_from is not None:
-        models = checkpoint.load_file(resume_from / "model.pt")
-        training = checkpoint.load_file(resume_from / "training.pt")
-        mine = checkpoint.load_file(resume_from / f"rank-{rank:05d}.pt") if rank < saved_world else None
-        for role, net in nets.items():
-            net.load_state_dict(models["nets"][role])
-            optimizers[role].load_state_dict(training["optimizers"][role])
-            schedulers[role].load_state_dict(training["schedulers"][role])
-        for role, ema in emas.items():
-            ema.load_state_dict(models["emas"][role])
-        method.load_state_dict(training["method"])
-        state = training["state"]
-        if mine is not None:
-            checkpoint.set_rng_state(mine["rng"])
-        else:  # a rank the saved run did not have
-            torch.manual_seed(mix(cfg.train.seed, 1, rank, state["step"]))
+        # A rank the saved run did not have (more processes now) has no file of its own.
+        state, mine = checkpoint.restore(resume_from, rank if rank < saved_world else None, nets, emas, optimizers, schedulers, accelerator.scaler)
+        method.load_state_dict((mine if mine is not None else checkpoint.rank_file(resume_from, 0))["method"])
         slots = max(cfg.data.workers, 1)
         if saved_world == world and all(s["workers"] == slots for s in mine["streams"].values()):
             streams_state = mine["streams"]
         else:  # another layout: the streams redistribute what every saved rank had left (data.streams)
-            every = [checkpoint.load_file(resume_from / f"rank-{r:05d}.pt")["streams"] for r in range(saved_world)]
+            every = [checkpoint.rank_file(resume_from, r)["streams"] for r in range(saved_world)]
             streams_state = {name: [ranks[name] for ranks in every] for name in every[0]}
-    else:
-        torch.manual_seed(mix(cfg.train.seed, 1, rank))
     for role in nets:
         nets[role], optimizers[role] = accelerator.prepare(nets[role], optimizers[role])
     for ema in emas.values():
@@ -178,8 +169,13 @@ def train(cfg: Config) -> dict:
     accelerator.wait_for_everyone()
     logger = RunLogger(run_dir, accelerator, total, state["step"])
     if resume_from is not None:
+        if mine is not None:
+            logger.load_state_dict(mine["logger"])
         layout = f" (saved by {saved_world} processes, continuing on {world})" if saved_world != world else ""
         logger.line(f"resumed from {resume_from} at step {state['step']}{layout}")
+        changes = checkpoint.config_changes(resume_from, to_dict(cfg))
+        if changes:
+            logger.line(f"resuming with a changed config (the run will differ from the uninterrupted one): {'; '.join(changes)}")
 
     def optimize(role: str, loss: torch.Tensor) -> None:
         optimizer = optimizers[role]
@@ -196,35 +192,42 @@ def train(cfg: Config) -> dict:
     samples_per_step = cfg.data.batch_size + (cfg.data.batch_size * cfg.data.unlabeled_batch_ratio if unlabeled_stream else 0)
 
     def run_eval(step: int) -> dict:
-        result = evaluate(eval_net, data.test, views["plain"], accelerator, cfg.data.eval_batch_size, workers, cfg.data.max_bad_fraction)
+        checkpoint.sync_buffers([*raw.values(), *emas.values()], accelerator)
+        with torch.random.fork_rng(devices=[]):  # its DataLoader draws a seed: keep that out of the training RNG
+            result = evaluate(eval_net, data.test, views["plain"], accelerator, cfg.data.eval_batch_size, workers, cfg.data.max_bad_fraction)
         logger.scalars("eval", {"accuracy": result["accuracy"], "loss": result["loss"]}, step)
         state["history"].append({"step": step, "epoch": step / cfg.train.steps_per_epoch, **result})
         return result
 
-    def save_checkpoint(step: int) -> None:
-        state["wall_seconds"] = wall_before + time.time() - session_start
-        shared = {
-            "model": {"nets": {r: n.state_dict() for r, n in raw.items()}, "emas": {r: e.state_dict() for r, e in emas.items()}},
-            "training": {
-                "optimizers": {r: o.state_dict() for r, o in optimizers.items()},
-                "schedulers": {r: s.state_dict() for r, s in schedulers.items()},
-                "method": method.state_dict(),
-                "state": state,
-            },
-        }
+    def save_checkpoint(step: int, reason: str) -> Path:
+        started = time.time()
+        state["step"] = step
+        state["wall_seconds"] = wall_before + started - session_start
+        checkpoint.sync_buffers([*raw.values(), *emas.values()], accelerator)
+        shared = checkpoint.snapshot(raw, emas, optimizers, schedulers, accelerator.scaler, state)
         streams = {"labeled": labeled_stream.state_dict()}
         if unlabeled_stream is not None:
             streams["unlabeled"] = unlabeled_stream.state_dict()
+        own = {"rng": checkpoint.rng_state(), "streams": streams, "method": method.state_dict(), "logger": logger.state_dict()}
         meta = dict(identity, roles=list(method_cls.roles), eval_role=method_cls.eval_role, world_size=world,
                     epoch=step / cfg.train.steps_per_epoch, dataset=data.source, ema=bool(emas),
-                    mean=data.labeled.data["mean"], std=data.labeled.data["std"])
-        checkpoint.save(ckpt_root, step, accelerator, shared, {"rng": checkpoint.rng_state(), "streams": streams}, meta,
-                        yaml.safe_dump(to_dict(cfg), sort_keys=False), cfg.train.keep_last)
+                    mean=data.labeled.data["mean"], std=data.labeled.data["std"], reason=reason)
+        path = checkpoint.save(ckpt_root, step, accelerator, shared, own, meta, yaml.safe_dump(to_dict(cfg), sort_keys=False), cfg.train.keep_last)
+        logger.scalars("checkpoint", {"save_seconds": time.time() - started}, step)
+        return path
 
     session_start, wall_before, start_step = time.time(), state["wall_seconds"], state["step"]
     train_streams = {"labeled": labeled_stream, "unlabeled": unlabeled_stream} if unlabeled_stream else {"labeled": labeled_stream}
     labeled_batches = iter(loader(labeled_stream, workers))
     unlabeled_batches = iter(loader(unlabeled_stream, workers)) if unlabeled_stream is not None else None
+    # Creating a DataLoader iterator draws a seed from the global RNG: set each rank's RNGs (python,
+    # numpy, torch, CUDA: all that a checkpoint saves) after that, or a resumed run would drift.
+    if mine is not None:
+        checkpoint.set_rng_state(mine["rng"])
+    else:  # a fresh run, or a rank the saved run did not have
+        set_seed(mix(cfg.train.seed, 1, rank, state["step"]) % 2**32)
+    boundary = preemption.StepBoundary(cfg.train, accelerator)
+    stopped = None
     last_eval = None
     for step in range(start_step, total):
         labeled = labeled_stream.observe(next(labeled_batches))
@@ -251,15 +254,22 @@ def train(cfg: Config) -> dict:
             logger.flush(done)
         if done % cfg.train.steps_per_epoch == 0 or done == total:
             epoch = -(-done // cfg.train.steps_per_epoch)
-            state["step"] = done
             if epoch % cfg.train.eval_every_epochs == 0 or done == total:
                 last_eval = run_eval(done)
                 logger.line(f"epoch {epoch}/{cfg.train.epochs} step {done}: test accuracy {last_eval['accuracy']:.4f} loss {last_eval['loss']:.4f}")
-            if epoch % cfg.train.checkpoint_every_epochs == 0 or done == total:
-                save_checkpoint(done)
+        decision = boundary.decide(done)
+        if decision.checkpoint:
+            path = save_checkpoint(done, decision.checkpoint)
+        if decision.stop:
+            stopped = preemption.Preempted(decision.stop, done, path)
+            break
+    if stopped is not None:
+        logger.close()
+        accelerator.wait_for_everyone()
+        raise stopped
     if last_eval is None:  # resumed at the end: report the finished run again
         last_eval = run_eval(total)
-        save_checkpoint(total)
+        save_checkpoint(total, "end")
     session_seconds = time.time() - session_start
     corrupt = torch.tensor([s.corrupt_samples for s in train_streams.values()], dtype=torch.float64, device=device)
     if world > 1:

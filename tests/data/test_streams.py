@@ -227,7 +227,7 @@ def read_log(log, batches=None):
 
 @pytest.mark.slow
 def test_a_killed_stream_resumes_with_no_sample_missing_or_repeated(digits_shards, tmp_path):
-    from tests.test_distributed import kill_tree
+    from tests.conftest import kill_tree
 
     split, total = digits_shards / "unlabeled", 160  # 2,560 samples: two data epochs and a bit
     reference = run_stream(split, tmp_path / "ref.json", tmp_path / "ref.log", total)
