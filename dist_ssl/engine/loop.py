@@ -87,6 +87,17 @@ def _compatible(meta: dict, expected: dict, path: Path) -> None:
             )
 
 
+def check_deepspeed(distributed_type, method: str, optimizers: list[str]) -> None:
+    """A DeepSpeed engine owns one model and one optimizer, and accelerator.backward() drives the last
+    prepared engine only: a second optimizer (MPL's teacher, SMPL's pseudo step) would be silently
+    wrong, so such methods are refused under DeepSpeed."""
+    if distributed_type == DistributedType.DEEPSPEED and len(optimizers) > 1:
+        raise UserError(
+            f"method '{method}' steps {len(optimizers)} optimizers ({', '.join(optimizers)}); DeepSpeed runs one per "
+            "process group: launch it with DDP (accelerate launch --multi_gpu)"
+        )
+
+
 def train(cfg: Config) -> dict:
     method_cls = get_method(cfg.method.name)
     data = load_run_data(cfg, method_cls)
@@ -146,15 +157,8 @@ def train(cfg: Config) -> dict:
             ema.load_state_dict(models["emas"][role])
         method.load_state_dict(training["method"])
         state = training["state"]
-        checkpoint.set_rng_state(mine["rng"])
         streams_state = mine["streams"]
-    else:
-        torch.manual_seed(mix(cfg.train.seed, 1, rank))
-    if accelerator.distributed_type == DistributedType.DEEPSPEED and len(optimizers) > 1:
-        # A DeepSpeed engine owns one model and one optimizer, and accelerator.backward() drives the
-        # last prepared engine only: a second optimizer (MPL's teacher, SMPL's pseudo step) would be
-        # silently wrong.
-        raise UserError(f"method '{cfg.method.name}' steps {len(optimizers)} optimizers; DeepSpeed supports one per run: launch it with DDP (accelerate launch --multi_gpu)")
+    check_deepspeed(accelerator.distributed_type, cfg.method.name, list(optimizers))
     for role in nets:
         nets[role] = accelerator.prepare(nets[role])
     for name in optimizers:
@@ -219,6 +223,13 @@ def train(cfg: Config) -> dict:
     session_start, wall_before, start_step = time.time(), state["wall_seconds"], state["step"]
     labeled_batches = iter(loader(labeled_stream, workers))
     unlabeled_batches = iter(loader(unlabeled_stream, workers)) if unlabeled_stream is not None else None
+    # Each rank's RNG (dropout, sampled pseudo-labels) is set last, after everything that draws from it
+    # at start-up (a DataLoader iterator draws its base seed): a resumed run then draws what the
+    # uninterrupted run drew.
+    if resume_from is not None:
+        checkpoint.set_rng_state(mine["rng"])
+    else:
+        torch.manual_seed(mix(cfg.train.seed, 1, rank))
     last_eval = None
     for step in range(start_step, total):
         labeled = labeled_stream.observe(next(labeled_batches))
