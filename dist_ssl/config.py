@@ -67,9 +67,6 @@ class ModelConfig:
     # torchvision ResNet/DenseNet: `small` = 3x3 stride-1 first convolution and no max-pool (CIFAR-size
     # images keep their resolution), `imagenet` = the 7x7 stride-2 stem; `auto` = small up to 64 px.
     stem: Literal["auto", "small", "imagenet"] = "auto"
-    # A checkpoint (step-N or run folder) whose evaluated network (its EMA when it has one) initializes
-    # every network of this run before training; a resumed run loads its own checkpoint instead.
-    init_from: str = ""
 
     def __post_init__(self):
         _check(0 <= self.dropout < 1, "model.dropout", "must be in [0, 1)")
@@ -223,6 +220,9 @@ class TrainConfig:
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     log_every_steps: int = 10
     seed: int = 0  # model init and per-rank dropout
+    # A checkpoint (step-N or run folder) whose evaluated network (its EMA when saved) starts every
+    # network of this run, e.g. fine-tuning a pretrained student. Ignored when the run resumes.
+    init_from: str = ""
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def __post_init__(self):

@@ -54,7 +54,7 @@ def _network_state(folder, meta: dict, weights: str) -> tuple[dict, str]:
 
 
 def evaluated_weights(path: str, model: str, num_classes: int, input_shape: list[int]) -> dict:
-    """What `model.init_from` loads: the evaluated network of a checkpoint (its EMA when it has one),
+    """What `train.init_from` loads: the evaluated network of a checkpoint (its EMA when it has one),
     refused with a clear error when it is another model or was trained for other classes or inputs."""
     from dist_ssl.engine import checkpoint
 
@@ -63,7 +63,7 @@ def evaluated_weights(path: str, model: str, num_classes: int, input_shape: list
     theirs = (meta["model"], meta["num_classes"], meta["input_shape"])
     if theirs != (model, num_classes, input_shape):
         raise UserError(
-            f"model.init_from={path}: that checkpoint holds {theirs[0]} for {theirs[1]} classes and inputs {theirs[2]}, "
+            f"train.init_from={path}: that checkpoint holds {theirs[0]} for {theirs[1]} classes and inputs {theirs[2]}, "
             f"this run trains {model} for {num_classes} classes and inputs {input_shape}"
         )
     return _network_state(folder, meta, "auto")[0]

@@ -23,12 +23,12 @@ def finetune_config(cfg: Config, trained: Path, num_labeled: int) -> Config:
     return dataclasses.replace(
         cfg,
         data=dataclasses.replace(cfg.data, batch_size=ft.batch_size, unlabeled_batch_ratio=0),
-        model=dataclasses.replace(role_model(cfg, get_method(cfg.method.name).eval_role), dropout=0.0, init_from=str(trained)),
+        model=dataclasses.replace(role_model(cfg, get_method(cfg.method.name).eval_role), dropout=0.0),
         optim=OptimConfig(name="sgd", lr=ft.lr, momentum=ft.momentum, nesterov=ft.nesterov, weight_decay=ft.weight_decay,
                           schedule="constant", warmup_steps=0, grad_clip=0.0),
         method=MethodConfig(name="supervised"),
         roles=RolesConfig(),
-        train=dataclasses.replace(cfg.train, output_dir=str(Path(cfg.train.output_dir) / "finetune"), epochs=ft.epochs,
+        train=dataclasses.replace(cfg.train, output_dir=str(Path(cfg.train.output_dir) / "finetune"), epochs=ft.epochs, init_from=str(trained),
                                   steps_per_epoch=steps_per_epoch,
                                   resume="never" if cfg.train.resume == "never" else "auto", ema_decay=0.0, finetune=FinetuneConfig()),
     )

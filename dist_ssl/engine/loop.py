@@ -128,9 +128,9 @@ def train(cfg: Config) -> dict:
     torch.manual_seed(cfg.train.seed)
     total = cfg.train.total_steps
     nets = {role: build_model(role_model(cfg, role), data.labeled.num_classes, data.labeled.input_shape) for role in method_cls.roles}
-    if cfg.model.init_from and resume_from is None:
+    if cfg.train.init_from and resume_from is None:
         for role, net in nets.items():
-            net.load_state_dict(evaluated_weights(cfg.model.init_from, role_model(cfg, role).name, data.labeled.num_classes, list(data.labeled.input_shape)))
+            net.load_state_dict(evaluated_weights(cfg.train.init_from, role_model(cfg, role).name, data.labeled.num_classes, list(data.labeled.input_shape)))
     specs = method_cls.optimizer_specs(cfg)
     for name, spec in specs.items():
         if spec.wait_steps >= total:

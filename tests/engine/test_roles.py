@@ -88,7 +88,7 @@ def test_finetune_stage_starts_from_the_students_ema_without_dropout(digits_shar
     import yaml
 
     ft_cfg = yaml.safe_load((run / "finetune" / "config.yaml").read_text())
-    assert ft_cfg["model"]["init_from"] == str(run / "checkpoints" / "step-8") and ft_cfg["model"]["dropout"] == 0.0
+    assert ft_cfg["train"]["init_from"] == str(run / "checkpoints" / "step-8") and ft_cfg["model"]["dropout"] == 0.0
     # lr 1e-9: the fine-tuned weights are the student's EMA, moved by almost nothing
     ema = weights(run)["emas"]["student"]
     tuned_net = weights(run / "finetune")["nets"]["model"]
@@ -105,7 +105,7 @@ def test_finetune_stage_starts_from_the_students_ema_without_dropout(digits_shar
 def test_init_from_another_model_is_one_clear_error(digits_shards, tmp_path):
     train(tiny_config(digits_shards, tmp_path / "first", "supervised"))
     with pytest.raises(UserError, match="holds small_cnn for 10 classes .* this run trains mlp"):
-        train(tiny_config(digits_shards, tmp_path / "second", "supervised", "model.name=mlp", f"model.init_from={tmp_path / 'first'}"))
+        train(tiny_config(digits_shards, tmp_path / "second", "supervised", "model.name=mlp", f"train.init_from={tmp_path / 'first'}"))
 
 
 def test_deepspeed_is_refused_for_several_optimizers_only():
