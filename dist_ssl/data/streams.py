@@ -453,4 +453,9 @@ def loader(stream: IterableDataset, workers: int) -> Batches:
         num_workers=workers,
         prefetch_factor=4 if workers > 0 else None,
         pin_memory=torch.cuda.is_available(),
+        # Its workers' base seed comes from a generator of its own: drawn from the global one when the
+        # iterator starts (lazily, at the first batch), it would shift the training RNG (dropout,
+        # sampled pseudo-labels) of a resumed run against the uninterrupted one. Samples are seeded
+        # by position anyway (collate).
+        generator=torch.Generator(),
     ))

@@ -149,7 +149,6 @@ def train(cfg: Config) -> dict:
     method = method_cls(cfg, {}, data.labeled.num_classes)
     state = {"step": 0, "wall_seconds": 0.0, "history": []}
     streams_state: dict = {}
-    mine = None
     if resume_from is not None:
         models = checkpoint.load_file(resume_from / "model.pt")
         training = checkpoint.load_file(resume_from / "training.pt")
@@ -163,12 +162,18 @@ def train(cfg: Config) -> dict:
             ema.load_state_dict(models["emas"][role])
         method.load_state_dict(training["method"])
         state = training["state"]
+        if mine is not None:
+            checkpoint.set_rng_state(mine["rng"])
+        else:  # a rank the saved run did not have
+            torch.manual_seed(mix(cfg.train.seed, 1, rank, state["step"]))
         slots = max(cfg.data.workers, 1)
         if saved_world == world and all(s["workers"] == slots for s in mine["streams"].values()):
             streams_state = mine["streams"]
         else:  # another layout: the streams redistribute what every saved rank had left (data.streams)
             every = [checkpoint.load_file(resume_from / f"rank-{r:05d}.pt")["streams"] for r in range(saved_world)]
             streams_state = {name: [ranks[name] for ranks in every] for name in every[0]}
+    else:
+        torch.manual_seed(mix(cfg.train.seed, 1, rank))
     check_deepspeed(accelerator.distributed_type, cfg.method.name, list(optimizers))
     for role in nets:
         nets[role] = accelerator.prepare(nets[role])
@@ -236,15 +241,6 @@ def train(cfg: Config) -> dict:
     train_streams = {"labeled": labeled_stream, "unlabeled": unlabeled_stream} if unlabeled_stream else {"labeled": labeled_stream}
     labeled_batches = iter(loader(labeled_stream, workers))
     unlabeled_batches = iter(loader(unlabeled_stream, workers)) if unlabeled_stream is not None else None
-    # Each rank's RNG (dropout, sampled pseudo-labels) is set last, after everything that draws from it
-    # at start-up (a DataLoader iterator draws its base seed): a resumed run then draws what the
-    # uninterrupted run drew.
-    if resume_from is None:
-        torch.manual_seed(mix(cfg.train.seed, 1, rank))
-    elif mine is not None:
-        checkpoint.set_rng_state(mine["rng"])
-    else:  # a rank the saved run did not have
-        torch.manual_seed(mix(cfg.train.seed, 1, rank, state["step"]))
     last_eval = None
     for step in range(start_step, total):
         labeled = labeled_stream.observe(next(labeled_batches))
