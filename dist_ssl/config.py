@@ -133,6 +133,10 @@ class MPLConfig:
     uda_weight: float = 8.0  # lambda_u, reached after uda_steps (linear ramp from step 1)
     uda_steps: int = 5000
     baseline_decay: float = 0.0  # moving average of the feedback subtracted from it (official: 0.99); 0 = off
+    # Multiplies the teacher's feedback term h * mean CE. 1 is both references' scale; the global
+    # unlabeled batch size makes the term the exact gradient of the student's post-step labeled loss
+    # (methods/mpl.py), 1/N of which the mean gives.
+    feedback_weight: float = 1.0
 
     def __post_init__(self):
         name = type(self).__name__.removesuffix("Config").lower()
@@ -142,6 +146,7 @@ class MPLConfig:
         _check(self.uda_weight >= 0, f"method.{name}.uda_weight", "must be >= 0")
         _check(self.uda_steps >= 1, f"method.{name}.uda_steps", "must be >= 1")
         _check(0 <= self.baseline_decay < 1, f"method.{name}.baseline_decay", "must be in [0, 1)")
+        _check(self.feedback_weight >= 0, f"method.{name}.feedback_weight", "must be >= 0")
 
 
 @dataclass

@@ -20,7 +20,7 @@ score-function identity (with L_old as baseline; no Taylor expansion) its gradie
 E[(L_old - L_new(y)) * grad sum_i CE(teacher(x_i), y_i)], so descending h * CE raises the
 probability of labels that helped. Under `sampled` the teacher's term, h * mean_i CE, is therefore
 an unbiased estimate of grad J divided by the global unlabeled batch size (the batch mean of CE is
-what both references use; the factor is a constant absorbed in the learning rate); `hard` uses the
+what both references use; `feedback_weight` = that batch size restores the exact scale); `hard` uses the
 mode instead of a sample (kekmodel). `tests/methods/test_mpl_math.py` checks this against finite
 differences of J. Both reference codes (google-research, kekmodel) use L_new - L_old: the opposite
 sign, which their results could survive because the official soft-label variant gets no feedback
@@ -173,7 +173,7 @@ class MPL(Method):
             after = labeled_loss_sum(student, x_l, y)
             feedback, change, student_labeled = self.feedback(before, after, n_l, ctx)
             if cfg.pseudo_labels != "soft":
-                teacher_loss = teacher_loss + feedback * F.cross_entropy(full(t_strong), labels)
+                teacher_loss = teacher_loss + cfg.feedback_weight * feedback * F.cross_entropy(full(t_strong), labels)
             metrics.update(loss_student=student_loss.detach(), student_loss_labeled=student_labeled, feedback=change, feedback_baseline=self.feedback.baseline)
         ctx.optimize("teacher", teacher_loss)
         metrics["loss"] = teacher_loss.detach()

@@ -72,7 +72,7 @@ class SMPL(Method):
         weight = uda_weight(ctx.step, cfg)
         loss = loss_labeled + weight * loss_uda
         if cfg.pseudo_labels != "soft":  # a scalar feedback gives soft targets no gradient (methods/mpl.py)
-            loss = loss + feedback * F.cross_entropy(full(strong), labels)
+            loss = loss + cfg.feedback_weight * feedback * F.cross_entropy(full(strong), labels)
         ctx.optimize("model", loss)
         metrics = {
             "loss": loss.detach(),
