@@ -127,6 +127,10 @@ class MPLConfig:
     # student's expected labeled loss after its step); soft: the student learns the teacher's softmax
     # (official code), where a scalar feedback carries no gradient, so the teacher gets none.
     pseudo_labels: Literal["hard", "sampled", "soft"] = "hard"
+    # The view the teacher labels, and whose prediction its feedback term reinforces (the same one,
+    # so that the term is the gradient it should be); the student always learns its strong view.
+    # MPL: strong (paper, official code); SMPL: weak (the replication's step 1, FixMatch-like).
+    pseudo_label_view: Literal["weak", "strong"] = "strong"
     label_smoothing: float = 0.15  # of the teacher's labeled loss and the student's pseudo-label loss
     temperature: float = 0.7  # UDA: sharpening of the teacher's weak-view targets
     threshold: float = 0.6  # UDA: confidence mask on those targets
@@ -154,6 +158,7 @@ class SMPLConfig(MPLConfig):
     """Self Meta Pseudo Labels (seed 002): MPL's losses on one network, with the moving baseline on."""
 
     baseline_decay: float = 0.99
+    pseudo_label_view: Literal["weak", "strong"] = "weak"
 
 
 @dataclass

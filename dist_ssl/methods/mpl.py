@@ -6,7 +6,8 @@ One step (after the student's `roles.student.wait_steps`, during which only the 
 1. The teacher sees [labeled, weak, strong]. Its own loss is label-smoothed CE on the labels plus
    UDA: CE between its weak-view softmax sharpened by `temperature` (kept where the confidence
    reaches `threshold`) and its strong-view prediction, weighted by lambda_u ramped over `uda_steps`.
-2. It pseudo-labels the strong view (`pseudo_labels`: hard argmax, a sampled class, or its softmax).
+2. It pseudo-labels the strong view (`pseudo_labels`: hard argmax, a sampled class, or its softmax;
+   `pseudo_label_view` may pick the weak view instead).
 3. The student's labeled loss is measured (L_old), the student takes one optimizer step on
    label-smoothed CE of its strong-view prediction against the pseudo-labels, and the labeled loss
    is measured again (L_new).
@@ -37,9 +38,9 @@ Known differences with the reference implementations, all deliberate:
   and L_new from labeled alone: for a batch-norm net the two differ in batch statistics too;
 * the moving baseline (`baseline_decay`, official 0.99) starts at 0 (official: a random number) and
   is the average of earlier steps' feedback, so subtracting it keeps the gradient unbiased;
-* the pseudo-label of the student's step and of the teacher's feedback term is the same one, from
-  the strong view (kekmodel trains the student on the weak view's argmax but reinforces the strong
-  view's argmax);
+* the pseudo-label of the student's step and of the teacher's feedback term is the same one, and
+  the feedback term reinforces the teacher's prediction on the view that produced it (kekmodel
+  trains the student on the weak view's argmax but reinforces the strong view's argmax);
 * `soft`: the student learns the teacher's softmax (official code). The official feedback term
   CE(teacher, stop_gradient(softmax(teacher))) has a zero gradient (google-research #534, kekmodel #2):
   a scalar cannot say which classes helped. We do not compute a term that is always zero; under
@@ -162,7 +163,8 @@ class MPL(Method):
         loss_uda, mask = uda_loss(t_weak, t_strong, cfg)
         weight = uda_weight(ctx.step, cfg)
         teacher_loss = loss_labeled + weight * loss_uda
-        labels, targets = pseudo_labels(t_strong, cfg.pseudo_labels)
+        t_view = t_strong if cfg.pseudo_label_view == "strong" else t_weak
+        labels, targets = pseudo_labels(t_view, cfg.pseudo_labels)
         metrics = {"loss_labeled": loss_labeled.detach(), "loss_unlabeled": loss_uda.detach(), "uda_weight": weight, "mask_rate": mask.float().mean()}
 
         if ctx.step >= role_wait_steps(self.cfg, "student"):
@@ -173,7 +175,7 @@ class MPL(Method):
             after = labeled_loss_sum(student, x_l, y)
             feedback, change, student_labeled = self.feedback(before, after, n_l, ctx)
             if cfg.pseudo_labels != "soft":
-                teacher_loss = teacher_loss + cfg.feedback_weight * feedback * F.cross_entropy(full(t_strong), labels)
+                teacher_loss = teacher_loss + cfg.feedback_weight * feedback * F.cross_entropy(full(t_view), labels)
             metrics.update(loss_student=student_loss.detach(), student_loss_labeled=student_labeled, feedback=change, feedback_baseline=self.feedback.baseline)
         ctx.optimize("teacher", teacher_loss)
         metrics["loss"] = teacher_loss.detach()

@@ -2,7 +2,8 @@
 
 One step, with MPL's losses (`method.smpl.*` has MPL's keys; the moving baseline is on by default):
 
-1. The network sees [labeled, weak, strong] and pseudo-labels its strong view.
+1. The network sees [labeled, weak, strong] and pseudo-labels its weak view (`pseudo_label_view`;
+   the replication's step 1 learned the strong view from the weak view's argmax, as FixMatch does).
 2. The labeled loss is measured (L_old); the network takes a plain SGD step, p -= lr * grad, on
    label-smoothed CE of the strong view against those pseudo-labels: the `pseudo_step` optimizer
    (no momentum, no weight decay, the main learning rate on its own schedule without warm-up, as in
@@ -10,11 +11,13 @@ One step, with MPL's losses (`method.smpl.*` has MPL's keys; the moving baseline
 3. Feedback h = L_old - L_new over the global labeled batch, minus the moving baseline of earlier
    steps (MPL's sign and reasons: `methods/mpl.py`).
 4. A second forward pass, at the stepped weights, gives the main step's loss: label-smoothed CE on
-   the labels + lambda_u * UDA + h * CE(strong view, the step-1 pseudo-labels); the `model`
+   the labels + lambda_u * UDA + h * CE(the labeled view, the step-1 pseudo-labels); the `model`
    optimizer steps on it (momentum, weight decay, warm-up, and `optim.grad_clip`: 0.8 in the
    replication).
 
-Difference with the replication (max-ng/megaboost): it back-propagates step 2 through step 1's
+Differences with the replication (max-ng/megaboost). Its feedback term reinforced the strong view's
+argmax, not the weak-view label step 1 used; here it is the same label, on the view that produced
+it (MPL's reasons). It back-propagates step 2 through step 1's
 forward graph (kept with retain_graph), i.e. takes the second gradient at the weights before step
 1. Under DDP a second backward through one forward is not averaged over ranks (measured: each rank
 keeps its own gradient and the replicas drift apart), so step 2 runs its own forward at the stepped
@@ -58,8 +61,8 @@ class SMPL(Method):
         inputs = torch.cat([x_l, batch.unlabeled["weak"], batch.unlabeled["strong"]])
         sizes = [len(x_l), len(batch.unlabeled["weak"]), len(batch.unlabeled["strong"])]
 
-        strong = net(inputs).split(sizes)[2]
-        labels, targets = pseudo_labels(strong, cfg.pseudo_labels)
+        _, weak, strong = net(inputs).split(sizes)
+        labels, targets = pseudo_labels(strong if cfg.pseudo_label_view == "strong" else weak, cfg.pseudo_labels)
         pseudo_loss = F.cross_entropy(full(strong), targets, label_smoothing=cfg.label_smoothing)
         before = labeled_loss_sum(net, x_l, y)
         ctx.optimize("pseudo_step", pseudo_loss)
@@ -72,7 +75,8 @@ class SMPL(Method):
         weight = uda_weight(ctx.step, cfg)
         loss = loss_labeled + weight * loss_uda
         if cfg.pseudo_labels != "soft":  # a scalar feedback gives soft targets no gradient (methods/mpl.py)
-            loss = loss + cfg.feedback_weight * feedback * F.cross_entropy(full(strong), labels)
+            view = strong if cfg.pseudo_label_view == "strong" else weak
+            loss = loss + cfg.feedback_weight * feedback * F.cross_entropy(full(view), labels)
         ctx.optimize("model", loss)
         metrics = {
             "loss": loss.detach(),
