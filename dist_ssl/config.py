@@ -66,6 +66,9 @@ class ModelConfig:
     hidden_sizes: list[int] = field(default_factory=lambda: [8, 8])  # mlp only
     dropout: float = 0.0  # before the classifier
     bn_momentum: float = 0.1  # PyTorch convention (MPL uses 0.001)
+    # torchvision ResNet/DenseNet: `small` = 3x3 stride-1 first convolution and no max-pool (CIFAR-size
+    # images keep their resolution), `imagenet` = the 7x7 stride-2 stem; `auto` = small up to 64 px.
+    stem: Literal["auto", "small", "imagenet"] = "auto"
 
     def __post_init__(self):
         _check(0 <= self.dropout < 1, "model.dropout", "must be in [0, 1)")
@@ -116,10 +119,104 @@ class FixMatchConfig:
 
 
 @dataclass
+class MPLConfig:
+    """Meta Pseudo Labels (Pham et al. 2021); defaults are kekmodel's CIFAR-10-4K settings."""
+
+    # hard: the argmax of the teacher on the strong view (kekmodel); sampled: a class drawn from the
+    # teacher's softmax (the paper's definition: the feedback term is then an unbiased gradient of the
+    # student's expected labeled loss after its step); soft: the student learns the teacher's softmax
+    # (official code), where a scalar feedback carries no gradient, so the teacher gets none.
+    pseudo_labels: Literal["hard", "sampled", "soft"] = "hard"
+    # The view the teacher labels, and whose prediction its feedback term reinforces (the same one,
+    # so that the term is the gradient it should be); the student always learns its strong view.
+    # MPL: strong (paper, official code); SMPL: weak (the replication's step 1, FixMatch-like).
+    pseudo_label_view: Literal["weak", "strong"] = "strong"
+    label_smoothing: float = 0.15  # of the teacher's labeled loss and the student's pseudo-label loss
+    temperature: float = 0.7  # UDA: sharpening of the teacher's weak-view targets
+    threshold: float = 0.6  # UDA: confidence mask on those targets
+    uda_weight: float = 8.0  # lambda_u, reached after uda_steps (linear ramp from step 1)
+    uda_steps: int = 5000
+    baseline_decay: float = 0.0  # moving average of the feedback subtracted from it (official: 0.99); 0 = off
+    # Multiplies the teacher's feedback term h * mean CE. 1 is both references' scale; the global
+    # unlabeled batch size makes the term the exact gradient of the student's post-step labeled loss
+    # (methods/mpl.py), 1/N of which the mean gives.
+    feedback_weight: float = 1.0
+
+    def __post_init__(self):
+        name = type(self).__name__.removesuffix("Config").lower()
+        _check(0 <= self.label_smoothing < 1, f"method.{name}.label_smoothing", "must be in [0, 1)")
+        _check(self.temperature > 0, f"method.{name}.temperature", "must be positive")
+        _check(0 <= self.threshold <= 1, f"method.{name}.threshold", "must be in [0, 1]")
+        _check(self.uda_weight >= 0, f"method.{name}.uda_weight", "must be >= 0")
+        _check(self.uda_steps >= 1, f"method.{name}.uda_steps", "must be >= 1")
+        _check(0 <= self.baseline_decay < 1, f"method.{name}.baseline_decay", "must be in [0, 1)")
+        _check(self.feedback_weight >= 0, f"method.{name}.feedback_weight", "must be >= 0")
+
+
+@dataclass
+class SMPLConfig(MPLConfig):
+    """Self Meta Pseudo Labels (seed 002): MPL's losses on one network, with the moving baseline on."""
+
+    baseline_decay: float = 0.99
+    pseudo_label_view: Literal["weak", "strong"] = "weak"
+
+
+@dataclass
 class MethodConfig:
     name: str = "fixmatch"  # see dist_ssl.methods.METHODS
     pseudo_label: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
     fixmatch: FixMatchConfig = field(default_factory=FixMatchConfig)
+    mpl: MPLConfig = field(default_factory=MPLConfig)
+    smpl: SMPLConfig = field(default_factory=SMPLConfig)
+
+
+@dataclass
+class RoleConfig:
+    """One network of a method that trains several (MPL's teacher and student). A key left null takes
+    the shared `model.*` / `optim.*` value, so a role nobody mentions trains like the others."""
+
+    model: str | None = None  # model.name
+    dropout: float | None = None
+    lr: float | None = None
+    weight_decay: float | None = None
+    warmup_steps: int | None = None
+    grad_clip: float | None = None
+    wait_steps: int = 0  # the network does not train before this step; its schedule spans the steps after
+
+    def __post_init__(self):
+        _check(self.dropout is None or 0 <= self.dropout < 1, "roles.*.dropout", "must be in [0, 1)")
+        _check(self.lr is None or self.lr > 0, "roles.*.lr", "must be positive")
+        _check(self.weight_decay is None or self.weight_decay >= 0, "roles.*.weight_decay", "must be >= 0")
+        _check(self.warmup_steps is None or self.warmup_steps >= 0, "roles.*.warmup_steps", "must be >= 0")
+        _check(self.grad_clip is None or self.grad_clip >= 0, "roles.*.grad_clip", "must be >= 0")
+        _check(self.wait_steps >= 0, "roles.*.wait_steps", "must be >= 0")
+
+
+@dataclass
+class RolesConfig:
+    teacher: RoleConfig = field(default_factory=RoleConfig)
+    student: RoleConfig = field(default_factory=RoleConfig)
+
+
+@dataclass
+class FinetuneConfig:
+    """After training, fine-tune the evaluated network (its EMA when on) on the labels alone, without
+    dropout, as a supervised run in `output_dir/finetune` (MPL's last stage). 0 epochs = off."""
+
+    epochs: int = 0
+    steps_per_epoch: int = 0  # 0 = one pass over the labeled split
+    batch_size: int = 512  # global, like data.batch_size
+    lr: float = 3e-5
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 0.0
+
+    def __post_init__(self):
+        _check(self.epochs >= 0, "train.finetune.epochs", "must be >= 0")
+        _check(self.steps_per_epoch >= 0, "train.finetune.steps_per_epoch", "must be >= 0")
+        _check(self.batch_size > 0, "train.finetune.batch_size", "must be positive")
+        _check(self.lr > 0, "train.finetune.lr", "must be positive")
+        _check(self.weight_decay >= 0, "train.finetune.weight_decay", "must be >= 0")
 
 
 @dataclass
@@ -133,10 +230,14 @@ class TrainConfig:
     checkpoint_every_minutes: float = 0.0  # 0 = off; wall clock, the ranks agree at a step boundary
     keep_last: int = 2  # committed checkpoints kept; the newest is never removed
     resume: str = "auto"  # auto (newest committed checkpoint) | never | path of a step-N folder
-    ema_decay: float = 0.0  # 0 = off; evaluation uses the EMA weights when on
+    ema_decay: float = 0.0  # EMA of the evaluated network (MPL: the student); 0 = off; evaluation uses it
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     log_every_steps: int = 10
     seed: int = 0  # model init and per-rank dropout
+    # A checkpoint (step-N or run folder) whose evaluated network (its EMA when saved) starts every
+    # network of this run, e.g. fine-tuning a pretrained student. Ignored when the run resumes.
+    init_from: str = ""
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def __post_init__(self):
         _check(self.epochs > 0, "train.epochs", "must be positive")
@@ -161,6 +262,29 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    roles: RolesConfig = field(default_factory=RolesConfig)
+
+
+def _role(cfg: Config, role: str) -> RoleConfig:
+    return getattr(cfg.roles, role, None) or RoleConfig()
+
+
+def role_model(cfg: Config, role: str) -> ModelConfig:
+    """The model settings of network `role`: the shared `model` section with the role's overrides."""
+    over = _role(cfg, role)
+    changes = {k: v for k, v in (("name", over.model), ("dropout", over.dropout)) if v is not None}
+    return dataclasses.replace(cfg.model, **changes)
+
+
+def role_optim(cfg: Config, role: str) -> OptimConfig:
+    """The optimizer settings of network `role`: the shared `optim` section with the role's overrides."""
+    over = _role(cfg, role)
+    keys = ("lr", "weight_decay", "warmup_steps", "grad_clip")
+    return dataclasses.replace(cfg.optim, **{k: getattr(over, k) for k in keys if getattr(over, k) is not None})
+
+
+def role_wait_steps(cfg: Config, role: str) -> int:
+    return _role(cfg, role).wait_steps
 
 
 # ----------------------------------------------------------------------------------------------

@@ -53,7 +53,7 @@ def test_resolved_config_round_trips(tmp_path):
     save_config(cfg, tmp_path / "config.yaml")
     again = load_config(tmp_path / "config.yaml")
     assert again == cfg
-    assert set(yaml.safe_load((tmp_path / "config.yaml").read_text())) == {"data", "model", "optim", "method", "train"}
+    assert set(yaml.safe_load((tmp_path / "config.yaml").read_text())) == {"data", "model", "optim", "method", "train", "roles"}
 
 
 def test_every_shipped_config_loads():

@@ -8,8 +8,10 @@ RandAugment + cutout). A view is two parts:
 * `batch`: the deterministic uint8 -> normalized float conversion, applied once to the stacked
   batch (per sample it cost as much as the shift itself).
 
-Vector data (two moons) has no augmentation: every view is the identity, as in the seed 002 toy
-protocol.
+Vector data (two moons) has no augmentation: every view is the point itself, as in the seed 002
+toy protocol, standardized with the training split's per-feature mean and std (the SMPL replication
+standardized its moons too; raw moons coordinates leave an 8-8 ReLU net near-linear for the
+protocol's 1,000 steps: 87% test accuracy with every point labeled, instead of 99%).
 
 Randomness: the stream seeds torch's default generator per sample before calling `per_sample`
 (see `data.streams`), so a sample's augmentation depends on (seed, epoch, shard, position) only,
@@ -19,6 +21,7 @@ not on worker count, resumption or rank.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
@@ -43,13 +46,14 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _to_float(x: torch.Tensor) -> torch.Tensor:
-    return x.float()
+def _standardize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    return (x.float() - mean) / std
 
 
 def build_views(kind: str, input_shape: tuple[int, ...], mean: list[float], std: list[float], augment: AugmentConfig) -> dict[str, View]:
     if kind == "vector":
-        return {name: View(_identity, _to_float) for name in VIEW_NAMES}
+        standardize = partial(_standardize, mean=torch.tensor(mean, dtype=torch.float32), std=torch.tensor(std, dtype=torch.float32))
+        return {name: View(_identity, standardize) for name in VIEW_NAMES}
     _, height, width = input_shape
     normalize = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
     shift: list = []

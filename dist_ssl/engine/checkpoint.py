@@ -302,13 +302,17 @@ def restore(path: Path, rank: int | None, nets: dict, emas: dict, optimizers: di
         if role not in models["nets"]:
             raise _refuse(path, f"it has no '{role}' network (it has {', '.join(models['nets'])})")
         _check_shapes(path, role, models["nets"][role], net)
-        kind, saved_kind = type(_unwrapped(optimizers[role])).__name__, training["optimizer_types"][role]
+    for name, optimizer in optimizers.items():  # by optimizer name: SMPL steps one network with two
+        if name not in training["optimizer_types"]:
+            raise _refuse(path, f"it has no '{name}' optimizer (it has {', '.join(training['optimizer_types'])})")
+        kind, saved_kind = type(_unwrapped(optimizer)).__name__, training["optimizer_types"][name]
         if kind != saved_kind:
-            raise _refuse(path, f"the {role} optimizer is {saved_kind} there, {kind} here")
+            raise _refuse(path, f"the {name} optimizer is {saved_kind} there, {kind} here")
     for role, net in nets.items():
         net.load_state_dict(models["nets"][role])
-        optimizers[role].load_state_dict(training["optimizers"][role])
-        schedulers[role].load_state_dict(training["schedulers"][role])
+    for name, optimizer in optimizers.items():
+        optimizer.load_state_dict(training["optimizers"][name])
+        schedulers[name].load_state_dict(training["schedulers"][name])
     for role, ema in emas.items():
         if role in models["emas"]:  # EMA switched on since: it starts from the current weights
             ema.load_state_dict(models["emas"][role])

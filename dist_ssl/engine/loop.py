@@ -14,18 +14,19 @@ from pathlib import Path
 
 import torch
 import yaml
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from dist_ssl.config import Config, save_config, to_dict
+from dist_ssl.config import Config, role_model, save_config, to_dict
 from dist_ssl.data.shards import Manifest, load_manifest
 from dist_ssl.data.streams import TrainStream, loader, mix
 from dist_ssl.data.transforms import build_views
 from dist_ssl.engine import checkpoint, preemption
 from dist_ssl.engine.accelerator import make_accelerator
-from dist_ssl.engine.evaluate import evaluate
+from dist_ssl.engine.evaluate import evaluate, evaluated_weights
+from dist_ssl.engine.finetune import finetune_config
 from dist_ssl.engine.logging import RunLogger
-from dist_ssl.engine.optim import build_optimizer, build_scheduler
+from dist_ssl.engine.optim import Stepper, build_optimizer, build_scheduler
 from dist_ssl.errors import UserError
 from dist_ssl.methods import get_method
 from dist_ssl.methods.base import Method, StepContext, TrainBatch
@@ -88,6 +89,17 @@ def _compatible(meta: dict, expected: dict, path: Path) -> None:
             )
 
 
+def check_deepspeed(distributed_type, method: str, optimizers: list[str]) -> None:
+    """A DeepSpeed engine owns one model and one optimizer, and accelerator.backward() drives the last
+    prepared engine only: a second optimizer (MPL's teacher, SMPL's pseudo step) would be silently
+    wrong, so such methods are refused under DeepSpeed."""
+    if distributed_type == DistributedType.DEEPSPEED and len(optimizers) > 1:
+        raise UserError(
+            f"method '{method}' steps {len(optimizers)} optimizers ({', '.join(optimizers)}); DeepSpeed runs one per "
+            "process group: launch it with DDP (accelerate launch --multi_gpu)"
+        )
+
+
 def train(cfg: Config) -> dict:
     method_cls = get_method(cfg.method.name)
     data = load_run_data(cfg, method_cls)
@@ -110,7 +122,7 @@ def train(cfg: Config) -> dict:
         checkpoint.refuse_to_mix(ckpt_root, start, f"train.resume={cfg.train.resume}")
     identity = {
         "method": cfg.method.name,
-        "model": cfg.model.name,
+        "model": role_model(cfg, method_cls.eval_role).name,
         "num_classes": data.labeled.num_classes,
         "input_shape": list(data.labeled.input_shape),
     }
@@ -123,12 +135,20 @@ def train(cfg: Config) -> dict:
     # Same initial weights on every rank; then each rank its own dropout stream.
     torch.manual_seed(cfg.train.seed)
     total = cfg.train.total_steps
-    nets = {role: build_model(cfg.model, data.labeled.num_classes, data.labeled.input_shape) for role in method_cls.roles}
-    optimizers = {role: build_optimizer(net, cfg.optim) for role, net in nets.items()}
-    schedulers = {role: build_scheduler(opt, total, cfg.optim) for role, opt in optimizers.items()}
+    nets = {role: build_model(role_model(cfg, role), data.labeled.num_classes, data.labeled.input_shape) for role in method_cls.roles}
+    if cfg.train.init_from and resume_from is None:
+        for role, net in nets.items():
+            net.load_state_dict(evaluated_weights(cfg.train.init_from, role_model(cfg, role).name, data.labeled.num_classes, list(data.labeled.input_shape)))
+    specs = method_cls.optimizer_specs(cfg)
+    for name, spec in specs.items():
+        if spec.wait_steps >= total:
+            raise UserError(f"optimizer '{name}' waits {spec.wait_steps} steps, but the run has only {total} (train.epochs x train.steps_per_epoch)")
+    optimizers = {name: build_optimizer(nets[spec.net], spec.optim) for name, spec in specs.items()}
+    schedulers = {name: build_scheduler(optimizers[name], total - spec.wait_steps, spec.optim) for name, spec in specs.items()}
     emas = {}
-    if cfg.train.ema_decay > 0:
-        emas = {role: AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True) for role, net in nets.items()}
+    if cfg.train.ema_decay > 0:  # of the evaluated network only (MPL: the student's, not the teacher's)
+        role = method_cls.eval_role
+        emas = {role: AveragedModel(nets[role], multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True)}
     method = method_cls(cfg, {}, data.labeled.num_classes)
     state = {"step": 0, "wall_seconds": 0.0, "history": []}
     streams_state: dict = {}
@@ -143,8 +163,11 @@ def train(cfg: Config) -> dict:
         else:  # another layout: the streams redistribute what every saved rank had left (data.streams)
             every = [checkpoint.rank_file(resume_from, r)["streams"] for r in range(saved_world)]
             streams_state = {name: [ranks[name] for ranks in every] for name in every[0]}
+    check_deepspeed(accelerator.distributed_type, cfg.method.name, list(optimizers))
     for role in nets:
-        nets[role], optimizers[role] = accelerator.prepare(nets[role], optimizers[role])
+        nets[role] = accelerator.prepare(nets[role])
+    for name in optimizers:
+        optimizers[name] = accelerator.prepare(optimizers[name])
     for ema in emas.values():
         ema.to(device)
     method.nets = nets
@@ -177,16 +200,7 @@ def train(cfg: Config) -> dict:
         if changes:
             logger.line(f"resuming with a changed config (the run will differ from the uninterrupted one): {'; '.join(changes)}")
 
-    def optimize(role: str, loss: torch.Tensor) -> None:
-        optimizer = optimizers[role]
-        accelerator.backward(loss)
-        if cfg.optim.grad_clip > 0:
-            accelerator.clip_grad_norm_(nets[role].parameters(), cfg.optim.grad_clip)
-        optimizer.step()
-        schedulers[role].step()
-        optimizer.zero_grad(set_to_none=True)
-        if role in emas:
-            emas[role].update_parameters(raw[role])
+    optimize = Stepper(accelerator, nets, specs, optimizers, schedulers)
 
     eval_net = emas[method_cls.eval_role] if emas else raw[method_cls.eval_role]
     samples_per_step = cfg.data.batch_size + (cfg.data.batch_size * cfg.data.unlabeled_batch_ratio if unlabeled_stream else 0)
@@ -237,9 +251,12 @@ def train(cfg: Config) -> dict:
             unlabeled = unlabeled_stream.observe(next(unlabeled_batches))
             batch.unlabeled = {v: unlabeled["inputs"][v].to(device, non_blocking=True) for v in method_cls.unlabeled_views}
             truth = unlabeled["truth"]  # stays here: monitoring only, never handed to the method
-        lr = schedulers[method_cls.eval_role].get_last_lr()[0]
-        out = method.train_step(batch, StepContext(step, step / cfg.train.steps_per_epoch, total, optimize))
-        logger.accumulate(dict(out.metrics, lr=lr))
+        rates = {"lr" if name == method_cls.eval_role else f"lr_{name}": schedulers[name].get_last_lr()[0] for name in schedulers}
+        optimize.step = step
+        out = method.train_step(batch, StepContext(step, step / cfg.train.steps_per_epoch, total, optimize, optimize.reduce_sum))
+        for role, ema in emas.items():
+            ema.update_parameters(raw[role])
+        logger.accumulate(dict(out.metrics, **rates))
         if out.pseudo_labels is not None and truth is not None:
             known = truth >= 0
             correct = (out.pseudo_labels.cpu() == truth) & known
@@ -295,4 +312,10 @@ def train(cfg: Config) -> dict:
         logger.line(f"{cfg.method.name}: test accuracy {results['test_accuracy']:.4f} ({run_dir / 'results.json'})")
     logger.close()
     accelerator.wait_for_everyone()
+    if cfg.train.finetune.epochs > 0:
+        tuned = train(finetune_config(cfg, checkpoint.latest(ckpt_root), data.labeled.num_samples))
+        results["finetuned"] = {k: tuned[k] for k in ("test_accuracy", "test_loss", "best_test_accuracy", "steps", "wall_seconds", "run_dir")}
+        if accelerator.is_main_process:
+            checkpoint.atomic_write_text(run_dir / "results.json", json.dumps(results, indent=1))
+        accelerator.wait_for_everyone()
     return results

@@ -1,4 +1,5 @@
-"""Optimizers and learning-rate schedules, one pair per trained role."""
+"""Optimizers and learning-rate schedules (one pair per optimizer a method declares), and the
+`optimize(name, loss)` the engine hands to methods."""
 
 from __future__ import annotations
 
@@ -35,3 +36,28 @@ def lr_factor(step: int, total: int, cfg: OptimConfig) -> float:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, cfg: OptimConfig):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, cfg))
+
+
+class Stepper:
+    """`ctx.optimize(name, loss)`: backward (mixed-precision scaling by accelerate), gradient clipping,
+    the optimizer's step, its schedule's step, zeroing. `step` is the training step being taken."""
+
+    def __init__(self, accelerator, nets: dict[str, nn.Module], specs: dict, optimizers: dict, schedulers: dict):
+        self.accelerator, self.nets, self.specs = accelerator, nets, specs
+        self.optimizers, self.schedulers = optimizers, schedulers
+        self.step = 0
+
+    def __call__(self, name: str, loss: torch.Tensor) -> None:
+        spec, optimizer = self.specs[name], self.optimizers[name]
+        if self.step < spec.wait_steps:
+            raise RuntimeError(f"optimizer '{name}' was stepped at step {self.step}, before its {spec.wait_steps} wait steps ended")
+        self.accelerator.backward(loss)
+        if spec.optim.grad_clip > 0:
+            self.accelerator.clip_grad_norm_(self.nets[spec.net].parameters(), spec.optim.grad_clip)
+        optimizer.step()
+        self.schedulers[name].step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks, for what every rank must agree on (MPL's feedback)."""
+        return self.accelerator.reduce(tensor, "sum") if self.accelerator.num_processes > 1 else tensor

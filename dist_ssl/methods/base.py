@@ -1,9 +1,14 @@
 """What a method is: it computes losses and says what to step; the engine does the rest.
 
-A method never calls backward or an optimizer itself. It calls `ctx.optimize(role, loss)`, which
-the engine implements (backward, mixed-precision scaling, clipping, optimizer and schedule step,
-EMA update of that role). FixMatch calls it once per step; a teacher-student method calls it once
-per role, in the order its algorithm needs.
+A method never calls backward or an optimizer itself. It calls `ctx.optimize(name, loss)`, which
+the engine implements (backward, mixed-precision scaling, clipping, optimizer and schedule step).
+FixMatch calls it once per step; a teacher-student method calls it once per role, in the order its
+algorithm needs. Each network has one optimizer by default; a method may declare more than one over
+the same network (SMPL's plain SGD step on its own pseudo-labels, then its main step).
+
+Each `optimize` runs a backward pass of its own, so under DDP every loss must come from a forward
+pass that no other `optimize` call has back-propagated through: a second backward through one
+forward is not averaged over ranks (DDP reduces gradients once per forward), and ranks drift apart.
 """
 
 from __future__ import annotations
@@ -14,7 +19,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-from dist_ssl.config import Config
+from dist_ssl.config import Config, OptimConfig, role_optim, role_wait_steps
+
+
+def _same_everywhere(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
 
 
 @dataclass
@@ -30,6 +39,18 @@ class StepContext:
     epoch: float  # step / steps_per_epoch
     total_steps: int
     optimize: Callable[[str, torch.Tensor], None]
+    # Sum of a tensor over ranks (identity on one process): for quantities every rank must agree on.
+    reduce_sum: Callable[[torch.Tensor], torch.Tensor] = _same_everywhere
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """An optimizer the engine builds: over network `net`, with these settings, idle for `wait_steps`
+    steps (its schedule then spans the remaining ones)."""
+
+    net: str
+    optim: OptimConfig
+    wait_steps: int = 0
 
 
 @dataclass
@@ -44,6 +65,11 @@ class Method:
     eval_role: str = "model"  # the network that is evaluated and exported
     labeled_view: str = "weak"
     unlabeled_views: tuple[str, ...] = ()  # empty: the method does not read the unlabeled pool
+
+    @classmethod
+    def optimizer_specs(cls, cfg: Config) -> dict[str, OptimizerSpec]:
+        """Optimizer name -> spec. One per network by default, named like it, with its role's settings."""
+        return {role: OptimizerSpec(role, role_optim(cfg, role), role_wait_steps(cfg, role)) for role in cls.roles}
 
     def __init__(self, cfg: Config, nets: dict[str, nn.Module], num_classes: int):
         self.cfg = cfg

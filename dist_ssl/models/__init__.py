@@ -1,8 +1,9 @@
-"""Model registry: name -> class taking (num_classes, input_shape, ModelConfig)."""
+"""Model registry: name -> class (or builder) taking (num_classes, input_shape, ModelConfig)."""
 
 from __future__ import annotations
 
 import difflib
+from typing import Callable
 
 from torch import nn
 
@@ -10,11 +11,17 @@ from dist_ssl.config import ModelConfig
 from dist_ssl.errors import UserError
 from dist_ssl.models.cnn import MnistCNN, SmallCNN
 from dist_ssl.models.mlp import MLP
+from dist_ssl.models.torchvision_nets import densenet121, resnet50
+from dist_ssl.models.wide_resnet import WideResNet28x2, WideResNet28x8
 
-MODELS: dict[str, type[nn.Module]] = {
+MODELS: dict[str, Callable[[int, tuple[int, ...], ModelConfig], nn.Module]] = {
     "small_cnn": SmallCNN,
     "mnist_cnn": MnistCNN,
     "mlp": MLP,
+    "wide_resnet28_2": WideResNet28x2,
+    "wide_resnet28_8": WideResNet28x8,
+    "densenet121": densenet121,
+    "resnet50": resnet50,
 }
 
 
