@@ -162,14 +162,14 @@ def _decode_image(data: bytes, channels: int):
 
 
 def decode_sample(raw: dict, channels: int) -> dict:
-    """Raw tar members -> {'key', 'input' (uint8 CHW or float32 [D]), 'label', 'truth'}.
+    """Raw tar members -> {'key', 'input' (uint8 CHW or float32 [D]), 'label', 'truth', 'soft'}.
 
     Only the formats we write are decoded; pickles and other executable formats are never touched.
     """
     import torch
 
     key = raw.get("__key__", "?")
-    sample = {"key": key, "label": None, "truth": None}
+    sample = {"key": key, "label": None, "truth": None, "soft": None}
     for ext in IMAGE_EXTENSIONS:
         if ext in raw:
             sample["input"] = _decode_image(raw[ext], channels)
@@ -184,6 +184,8 @@ def decode_sample(raw: dict, channels: int) -> dict:
         sample["label"] = int(raw["cls"])
     if "truth.cls" in raw:
         sample["truth"] = int(raw["truth.cls"])
+    if "soft.npy" in raw:  # a soft pseudo-label: class probabilities (dist-ssl select --soft)
+        sample["soft"] = torch.from_numpy(np.asarray(np.load(io.BytesIO(raw["soft.npy"]), allow_pickle=False), np.float32))
     return sample
 
 

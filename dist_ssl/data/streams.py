@@ -188,7 +188,7 @@ def collate(pending: list[tuple[int, int, int, dict]], views: dict, seed: int, m
     """Decode and augment a list of (epoch, shard, position, raw) into a batch of every view."""
     channels = manifest.shape[-1] if manifest.kind == "image" else 0
     outputs: dict[str, list] = {name: [] for name in views}
-    labels, truths, keys = [], [], []
+    labels, truths, keys, softs = [], [], [], []
     generator = torch.default_generator
     saved = generator.get_state()
     try:
@@ -203,14 +203,21 @@ def collate(pending: list[tuple[int, int, int, dict]], views: dict, seed: int, m
             labels.append(-1 if sample["label"] is None else sample["label"])
             truths.append(-1 if sample["truth"] is None else sample["truth"])
             keys.append(sample["key"])
+            if sample["soft"] is not None:
+                softs.append(sample["soft"])
     finally:
         generator.set_state(saved)
-    return {
+    batch = {
         "inputs": {name: views[name].batch(torch.stack(values)) for name, values in outputs.items()},
         "label": torch.tensor(labels, dtype=torch.long),
         "truth": torch.tensor(truths, dtype=torch.long),
         "keys": keys,
     }
+    if softs:
+        if len(softs) != len(pending):
+            raise ValueError(f"{manifest.root}: some samples carry soft targets (soft.npy) and others do not")
+        batch["soft"] = torch.stack(softs)
+    return batch
 
 
 class EvalStream(IterableDataset):

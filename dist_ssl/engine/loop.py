@@ -85,6 +85,18 @@ def _compatible(meta: dict, expected: dict, path: Path) -> None:
             )
 
 
+def _init_from(nets: dict, path: str, identity: dict) -> None:
+    """Start every network from the evaluated weights (EMA when saved) of another run's checkpoint."""
+    source = checkpoint.resolve(path)
+    meta = checkpoint.check_ours(source)
+    for key in ("model", "num_classes", "input_shape"):
+        if meta.get(key) != identity[key]:
+            raise UserError(f"train.init_from={path}: its {key} is {meta.get(key)!r}, this run's is {identity[key]!r}")
+    weights, _ = checkpoint.network_weights(source)
+    for net in nets.values():
+        net.load_state_dict(weights)
+
+
 def train(cfg: Config) -> dict:
     method_cls = get_method(cfg.method.name)
     data = load_run_data(cfg, method_cls)
@@ -115,6 +127,8 @@ def train(cfg: Config) -> dict:
     torch.manual_seed(cfg.train.seed)
     total = cfg.train.total_steps
     nets = {role: build_model(cfg.model, data.labeled.num_classes, data.labeled.input_shape) for role in method_cls.roles}
+    if cfg.train.init_from and resume_from is None:
+        _init_from(nets, cfg.train.init_from, identity)
     optimizers = {role: build_optimizer(net, cfg.optim) for role, net in nets.items()}
     schedulers = {role: build_scheduler(opt, total, cfg.optim) for role, opt in optimizers.items()}
     emas = {}
@@ -213,7 +227,8 @@ def train(cfg: Config) -> dict:
     last_eval = None
     for step in range(start_step, total):
         labeled = labeled_stream.observe(next(labeled_batches))
-        batch = TrainBatch(labeled["inputs"][method_cls.labeled_view].to(device, non_blocking=True), labeled["label"].to(device, non_blocking=True))
+        target = labeled.get("soft", labeled["label"])  # class probabilities on a split of soft pseudo-labels
+        batch = TrainBatch(labeled["inputs"][method_cls.labeled_view].to(device, non_blocking=True), target.to(device, non_blocking=True))
         truth = None
         if unlabeled_batches is not None:
             unlabeled = unlabeled_stream.observe(next(unlabeled_batches))
