@@ -89,6 +89,19 @@ def _at_least(low: int | float, kind=int):
     return parse
 
 
+def _fraction(low_open: bool):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expects a number; got {text!r}") from None
+        if not (0 < value <= 1 if low_open else 0 <= value <= 1):
+            raise argparse.ArgumentTypeError(f"must be in {'(0' if low_open else '[0'}, 1]; got {value}")
+        return value
+
+    return parse
+
+
 def _demo(args) -> int:
     from dist_ssl.demo import run_demo
 
@@ -142,8 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     choose.add_argument("--out", required=True, help="the split folder to write; rerun the same command to resume it")
     choose.add_argument("--policy", choices=("top_k", "threshold", "sample_rate", "all"), default="top_k")
     choose.add_argument("--top-k", type=_at_least(1), default=16000, help="top_k: samples per class (16000)")
-    choose.add_argument("--threshold", type=float, default=0.95, help="threshold: minimum top-1 probability (0.95)")
-    choose.add_argument("--sample-rate", type=float, default=0.1, help="sample_rate: fraction of each predicted class kept (0.1)")
+    choose.add_argument("--threshold", type=_fraction(low_open=False), default=0.95, help="threshold: minimum top-1 probability (0.95)")
+    choose.add_argument("--sample-rate", type=_fraction(low_open=True), default=0.1, help="sample_rate: fraction of each predicted class kept (0.1)")
     choose.add_argument("--soft", action="store_true", help="keep the class probabilities as soft targets")
     choose.add_argument("--include-labeled", metavar="SPLIT", help="also copy this labeled split in (self-training)")
     choose.add_argument("--maxcount", type=_at_least(1), default=10000, help="samples per written shard (10000)")

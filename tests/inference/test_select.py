@@ -19,7 +19,7 @@ from dist_ssl.engine.loop import train
 from dist_ssl.errors import UserError
 from dist_ssl.inference.pseudo_label import load_predictions_manifest, pseudo_label, read_predictions
 from dist_ssl.inference.select import select
-from tests.conftest import tiny_config
+from tests.conftest import run_cli, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -163,3 +163,13 @@ def test_bad_inputs(labels8, digits_shards, tmp_path):
     (changed / "manifest.json").write_text((changed / "manifest.json").read_text().replace('"seed": 0', '"seed": 1'))
     with pytest.raises(UserError, match=r"changed after it was pseudo-labeled into .*: pseudo-label it again"):
         select(moved, tmp_path / "w", SelectConfig())
+
+
+def test_the_command_line(labels8, tmp_path):
+    out = tmp_path / "cli"
+    done = run_cli("select", str(labels8), "--out", str(out), "--policy", "sample_rate", "--sample-rate", "0.5", "--soft")
+    assert done.returncode == 0, done.stderr
+    assert "selected " in done.stdout and load_manifest(out).data["targets"] == "soft"
+    wrong = run_cli("select", str(labels8), "--out", str(tmp_path / "x"), "--policy", "threshold", "--threshold", "1.5")
+    assert wrong.returncode == 2 and wrong.stderr.strip().splitlines() == [
+        "dist-ssl: error: argument --threshold: must be in [0, 1]; got 1.5 (see `dist-ssl select --help`)"]
