@@ -214,3 +214,17 @@ def test_cli_errors_are_one_line(teacher8, tmp_path):
     assert lines[0].startswith("dist-ssl: error: ") and "(2 classes, input [2]) does not match the checkpoint (10 classes, input [1, 8, 8])" in lines[0]
     result = run_cli("pseudo-label", str(teacher8), "--shards", str(moons), "--out", str(tmp_path / "out"), "--top-p", "0")
     assert result.returncode == 2 and "argument --top-p: must be >= 1; got 0" in result.stderr
+
+
+def test_bf16_autocast_labels_like_fp32(teacher8, digits_shards, tmp_path):
+    fp32 = tmp_path / "fp32"
+    bf16 = tmp_path / "bf16"
+    pseudo_label(teacher8, digits_shards / "unlabeled", fp32, FAST)
+    manifest = pseudo_label(teacher8, digits_shards / "unlabeled", bf16, InferenceConfig(batch_size=32, workers=0, precision="bf16"))
+    assert manifest["precision"] == "bf16"
+    a, b = labels_of(fp32), labels_of(bf16)
+    assert a.keys() == b.keys()
+    agree = np.mean([a[k][0] == b[k][0] for k in a])
+    assert agree > 0.9, agree  # bf16 rounds logits: near-ties may flip, most labels may not
+    with pytest.raises(UserError, match=r"holds pseudo-labels of another job \(precision is 'bf16' there, 'fp32' here\)"):
+        pseudo_label(teacher8, digits_shards / "unlabeled", bf16, FAST)
