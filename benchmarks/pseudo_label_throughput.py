@@ -124,7 +124,7 @@ def plain_loop(net, manifest, view, device, batch_size: int, top_p: int) -> tupl
     import torch
 
     from dist_ssl.data.shards import decode_sample
-    from dist_ssl.data.streams import raw_samples
+    from dist_ssl.data.shards import raw_samples
 
     channels = manifest.shape[-1]
     top1 = {}

@@ -19,14 +19,48 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{message} (see `{self.prog} --help`)")
 
 
+def _size(text: str) -> int:
+    """Bytes: 500000000, 500M, 1G, 1.5GB."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    number = text.strip().upper().removesuffix("B").removesuffix("I")
+    suffix = number[-1:] if number[-1:] in units else ""
+    try:
+        return int(float(number[: len(number) - len(suffix)]) * units[suffix])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 500M, 1G)") from None
+
+
 def _shards_write(args) -> int:
     from dist_ssl.data.shards import write_dataset
     from dist_ssl.data.sources import load_source
 
-    source = load_source(args.source, path=args.path, seed=args.seed)
-    manifests = write_dataset(source, args.out, args.labels_per_class, args.seed, args.test_fraction, args.maxcount)
+    source = load_source(args.source, path=args.path, seed=args.seed, download=args.download)
+    manifests = write_dataset(
+        source, args.out, args.labels_per_class, args.seed, args.test_fraction, args.maxcount, maxsize=args.maxsize,
+        encoding=args.encoding, quality=args.quality, resize=args.resize, channels=args.channels, workers=args.workers,
+        source_path=args.path,
+    )
     for split, manifest in manifests.items():
         print(f"{split:>9}: {manifest['num_samples']:>7} samples in {len(manifest['shards'])} shard(s) -> {args.out}/{split}")
+        if manifest.get("skipped"):
+            print(f"{'':>9}  {len(manifest['skipped'])} unreadable image(s) skipped (listed in its manifest.json)")
+    return 0
+
+
+def _shards_verify(args) -> int:
+    from dist_ssl.data.shards import one_torch_thread, verify
+
+    one_torch_thread()
+    reports = verify(args.folder, args.workers)
+    bad = [r for r in reports if r.problems]
+    for report in reports:
+        if not report.problems:
+            print(f"{report.name}: ok ({report.samples} samples)")
+        for problem in report.problems:
+            print(f"{report.name}: {problem}")
+    if bad:
+        raise UserError(f"{len(bad)} of {len(reports)} checked files in {args.folder} have problems (listed above)")
+    print(f"all {len(reports)} shards in {args.folder} match their manifests")
     return 0
 
 
@@ -53,7 +87,8 @@ def _pseudo_label(args) -> int:
     from dist_ssl.config import InferenceConfig
     from dist_ssl.inference.pseudo_label import pseudo_label
 
-    cfg = InferenceConfig(top_p=args.top_p, batch_size=args.batch_size, workers=args.workers, weights=args.weights, precision=args.precision)
+    cfg = InferenceConfig(top_p=args.top_p, batch_size=args.batch_size, workers=args.workers, weights=args.weights, precision=args.precision,
+                          max_bad_fraction=args.max_bad_fraction)
     pseudo_label(args.checkpoint, args.shards, args.out, cfg)
     return 0
 
@@ -109,20 +144,34 @@ def _demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dist_ssl.data.shards import DEFAULT_MAXCOUNT, DEFAULT_MAXSIZE, ENCODINGS
+    from dist_ssl.data.sources import SOURCES
+
     parser = _Parser(prog="dist-ssl", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    shards = commands.add_parser("shards", help="write WebDataset shards of a source")
+    shards = commands.add_parser("shards", help="write WebDataset shards of a source, or verify them")
     shard_commands = shards.add_subparsers(dest="shards_command", required=True, parser_class=_Parser)
     write = shard_commands.add_parser("write", help="class-balanced labeled, unlabeled and test shards + manifests")
-    write.add_argument("source", help="digits | moons | fashion-mnist")
+    write.add_argument("source", help=" | ".join(SOURCES))
     write.add_argument("--out", required=True, help="dataset folder to create (must not exist or be empty)")
-    write.add_argument("--labels-per-class", type=int, required=True)
+    write.add_argument("--labels-per-class", type=int, help="labeled samples per class (sources with labels)")
     write.add_argument("--seed", type=int, default=0)
-    write.add_argument("--path", help="where the source's files are (fashion-mnist: /usr/share/datasets/fashion-mnist)")
+    write.add_argument("--path", help="where the source's files are (or go, with --download)")
+    write.add_argument("--download", action="store_true", help="fetch missing files through torchvision into --path")
     write.add_argument("--test-fraction", type=float, default=0.3, help="held-out test share for sources without a test split")
-    write.add_argument("--maxcount", type=int, default=10000, help="samples per shard")
+    write.add_argument("--maxcount", type=int, default=DEFAULT_MAXCOUNT, help="samples per shard at most")
+    write.add_argument("--maxsize", type=_size, default=DEFAULT_MAXSIZE, help="bytes per shard, about (e.g. 500M, 1G)")
+    write.add_argument("--encoding", choices=ENCODINGS, default="png", help="how images are stored (raw: uint8 .npy)")
+    write.add_argument("--quality", type=int, default=95, help="jpg quality")
+    write.add_argument("--resize", type=int, help="shorter side to N pixels, then the centre N x N square")
+    write.add_argument("--channels", type=int, choices=(1, 3), help="convert images to grey (1) or RGB (3)")
+    write.add_argument("--workers", type=int, default=1, help="processes that read and encode (output is the same for any number)")
     write.set_defaults(func=_shards_write)
+    check = shard_commands.add_parser("verify", help="check every shard against its manifest (hash, count, decoding, labels)")
+    check.add_argument("folder", help="dataset folder, or one split's folder")
+    check.add_argument("--workers", type=int, default=1, help="processes checking shards in parallel")
+    check.set_defaults(func=_shards_verify)
 
     train = commands.add_parser("train", help="train a method (also under `accelerate launch -m dist_ssl train`)")
     train.add_argument("config", help="YAML config (see configs/)")
@@ -148,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("--weights", choices=("auto", "ema", "raw"), default="auto")
     label.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                        help="auto: bf16 on GPUs (fp16 where bf16 is missing), fp32 on CPU")
+    label.add_argument("--max-bad-fraction", type=float, default=0.01,
+                       help="corrupt samples are skipped and listed; a reader fails past this fraction (0.01)")
     label.set_defaults(func=_pseudo_label)
 
     choose = commands.add_parser("select", help="pseudo-labeled samples -> a labeled split that `train` reads (data.labeled=DIR)")

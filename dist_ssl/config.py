@@ -48,6 +48,7 @@ class DataConfig:
     workers: int = 1  # DataLoader worker processes per rank and stream (0 = in the training process)
     shuffle_buffer: int = 2000  # samples; a shard smaller than this is fully permuted
     seed: int = 0  # drives shard order, shuffling and per-sample augmentation
+    max_bad_fraction: float = 0.01  # corrupt samples are skipped; a reader fails past this fraction (0 = fail on the first)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self):
@@ -56,6 +57,7 @@ class DataConfig:
         _check(self.eval_batch_size > 0, "data.eval_batch_size", "must be positive")
         _check(self.workers >= 0, "data.workers", "must be >= 0")
         _check(self.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
+        _check(0 <= self.max_bad_fraction < 1, "data.max_bad_fraction", "must be in [0, 1)")
 
 
 @dataclass
@@ -173,9 +175,11 @@ class InferenceConfig:
     workers: int = 2  # decoding processes per rank
     weights: Literal["auto", "ema", "raw"] = "auto"  # auto: the EMA when the checkpoint has one
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPUs (fp16 without bf16), fp32 on CPU
+    max_bad_fraction: float = 0.01  # corrupt samples are skipped (and listed); a reader fails past this fraction
 
     def __post_init__(self):
         _check(self.top_p >= 1, "pseudo_label.top_p", "must be >= 1")
+        _check(0 <= self.max_bad_fraction < 1, "pseudo_label.max_bad_fraction", "must be in [0, 1)")
         _check(self.batch_size >= 1, "pseudo_label.batch_size", "must be >= 1")
         _check(self.workers >= 0, "pseudo_label.workers", "must be >= 0")
 

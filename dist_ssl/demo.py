@@ -38,7 +38,7 @@ def run_demo(out: str | None, shards: str, processes: int) -> int:
         from dist_ssl.data.sources import load_source
 
         print(f"writing digits shards (5 labels per class, seed 0) to {shard_dir}", flush=True)
-        write_dataset(load_source("digits"), shard_dir, labels_per_class=5, seed=0)
+        write_dataset(load_source("digits"), shard_dir, labels_per_class=5, seed=0, maxcount=256)
     rows = []
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     for method in METHODS:

@@ -41,7 +41,8 @@ def test_checkpoint_folder_that_is_not_ours(tmp_path, digits_shards):
 
 def test_missing_config_file_and_bad_arguments():
     one_error_line(run_cli("train", "configs/nope.yaml"), "config file not found: configs/nope.yaml")
-    one_error_line(run_cli("shards", "write", "digits"), "the following arguments are required: --out, --labels-per-class")
+    one_error_line(run_cli("shards", "write", "digits"), "the following arguments are required: --out")
+    one_error_line(run_cli("shards", "write", "digits", "--out", "x"), "source 'digits' needs --labels-per-class N")
     one_error_line(run_cli("shards", "write", "cifar7", "--out", "x", "--labels-per-class", "1"), "unknown source 'cifar7'")
 
 

@@ -1,5 +1,5 @@
 """Streaming shards into batches: infinite training streams with a saved position, and finite
-exactly-once streams for evaluation.
+exactly-once streams for evaluation and inference.
 
 Why not webdataset's `split_by_node`/`split_by_worker` + `shuffle`: their order depends on the rank
 and on an RNG that is never saved, so a resumed run cannot continue where it stopped, and a rank
@@ -13,18 +13,29 @@ http and `pipe:` URLs, expanding tars into samples, the shuffle buffer) and plan
 * Within a shard, the sample order is a shuffle buffer seeded by (seed, e, shard) (a full
   permutation when the shard fits in the buffer). A sample's augmentation is seeded by
   (seed, e, shard, position), so it does not depend on workers, resumption or rank.
-* A consumer's position is therefore just (epoch, cursor in its unit list, samples emitted from the
+* A consumer's position is therefore just (epoch, cursor in its unit list, samples read from the
   current unit): three integers, saved with every checkpoint. Resuming re-opens one unit and skips
-  the emitted samples before decoding them; nothing else is re-read.
+  the samples already read before decoding them; nothing else is re-read.
 
-Resuming needs the same number of ranks and workers (then the stream continues with exactly the
-samples the uninterrupted run would have seen). Any other layout is refused with one clear error.
+Resuming with the same number of ranks and workers continues with exactly the samples the
+uninterrupted run would have seen. Resuming with another number (preemptible machines come back in
+other numbers) gathers what every old consumer had left of the epochs in progress, down to the
+sample, deals it to the new consumers first (the *residual*), then plans the next epochs for the new
+layout: within every epoch, no sample is skipped and none is repeated.
+
+Bad data: a sample that does not decode is skipped, counted and reported on stderr; the stream
+fails once more than `max_bad_fraction` of what a reader read was corrupt. A missing, truncated or
+altered shard (bytes, sha256 and sample count are checked against the manifest in the same pass
+that reads it) or a label out of range is a DataError naming the shard. Errors found in a
+DataLoader worker travel to the training process inside a batch and are raised there as the same
+one-line error.
 """
 
 from __future__ import annotations
 
 import math
 import random
+import sys
 from dataclasses import dataclass
 from itertools import islice
 from typing import Iterator
@@ -33,10 +44,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from dist_ssl.data.shards import Manifest, decode_sample
+from dist_ssl.data.shards import DataError, Manifest, check_local_shards, decode_sample, raw_samples  # noqa: F401  (raw_samples: re-exported)
 from dist_ssl.errors import UserError
 
 _MASK = (1 << 64) - 1
+DEFAULT_MAX_BAD_FRACTION = 0.01
+_REPORTED_PER_READER = 20  # corrupt samples printed by one reader; the rest are only counted
 
 
 def mix(*values: int) -> int:
@@ -66,23 +79,104 @@ def make_units(num_shards: int, consumers: int) -> list[Unit]:
     return [Unit(s, j, parts) for s in range(num_shards) for j in range(parts)]
 
 
-def raw_samples(url: str) -> Iterator[dict]:
-    """Samples of one tar shard (local path, http(s):// or pipe:), grouped by key, not decoded."""
-    import webdataset as wds
+@dataclass(frozen=True)
+class Work:
+    """Read `unit` as it is ordered in data epoch `epoch`, from its `start`-th sample on."""
 
-    return wds.tarfile_to_samples()(iter([{"url": url}]))
+    epoch: int
+    unit: Unit
+    start: int = 0
 
 
 def unit_samples(manifest: Manifest, unit: Unit, seed: int, epoch: int, shuffle_buffer: int) -> Iterator[tuple[int, dict]]:
     """(position in the shard's shuffled order, raw sample) for the samples of `unit` in `epoch`."""
     import webdataset as wds
 
-    samples = raw_samples(manifest.url(manifest.shards[unit.shard]))
+    shard = manifest.shards[unit.shard]
+    samples = raw_samples(manifest.url(shard), shard)
     rng = random.Random(mix(seed, epoch, unit.shard))
     shuffled = wds.shuffle(shuffle_buffer, initial=shuffle_buffer, rng=rng)(samples)
     for position, raw in enumerate(shuffled):
         if position % unit.parts == unit.part:
             yield position, raw
+
+
+class SampleChecker:
+    """Decodes raw samples for one reader (a rank's worker): a corrupt sample is skipped, counted and
+    reported; bad labels and too many corrupt samples are DataErrors naming the shard."""
+
+    def __init__(self, manifest: Manifest, max_bad_fraction: float, bad: int = 0, read: int = 0):
+        self.manifest = manifest
+        self.max_bad_fraction = max_bad_fraction
+        self.bad, self.read = bad, read
+        self.expected = tuple(manifest.input_shape)
+        self.labeled = manifest.data.get("split") != "unlabeled"
+
+    def __call__(self, raw: dict, url: str) -> dict | None:
+        key = raw.get("__key__", "?")
+        self.read += 1
+        try:
+            sample = decode_sample(raw, self.manifest.channels)
+            if tuple(sample["input"].shape) != self.expected:
+                raise ValueError(f"decoded shape {list(sample['input'].shape)}, the manifest says {list(self.expected)}")
+        except Exception as exc:  # whatever a decoder raises for bad bytes
+            self._corrupt(key, url, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            return None
+        num_classes = self.manifest.num_classes
+        for name in ("label", "truth"):
+            value = sample[name]
+            if value is not None and not 0 <= value < num_classes:
+                raise DataError(f"shard {url}: sample {key} has {name} {value}, outside 0..{num_classes - 1} ({num_classes} classes)")
+        if sample["soft"] is not None and tuple(sample["soft"].shape) != (num_classes,):
+            raise DataError(f"shard {url}: sample {key} has soft targets of shape {list(sample['soft'].shape)}, not [{num_classes}]")
+        if self.labeled and sample["label"] is None:
+            raise DataError(f"shard {url}: sample {key} of the {self.manifest.data.get('split')} split has no label")
+        return sample
+
+    def _corrupt(self, key: str, url: str, reason: str) -> None:
+        self.bad += 1
+        if self.bad <= _REPORTED_PER_READER:
+            more = " (further corrupt samples of this reader are counted, not printed)" if self.bad == _REPORTED_PER_READER else ""
+            print(f"dist-ssl: warning: skipped corrupt sample {key} in {url}: {reason}{more}", file=sys.stderr, flush=True)
+        # The first corrupt sample is tolerated whenever some are (judged over at least 1/fraction samples).
+        allowed = max(self.max_bad_fraction * self.read, 1.0) if self.max_bad_fraction > 0 else 0.0
+        if self.bad > allowed:
+            raise DataError(
+                f"{self.bad} of {self.read} samples read from {self.manifest.root} were corrupt, more than "
+                f"data.max_bad_fraction={self.max_bad_fraction} allows (last: {key} in {url}: {reason})"
+            )
+
+
+def _carry_errors(batches: Iterator[dict]) -> Iterator[dict]:
+    """In a DataLoader worker, a DataError becomes a batch that says so (see `Batches`)."""
+    try:
+        yield from batches
+    except DataError as exc:
+        if get_worker_info() is None:
+            raise
+        yield {"error": str(exc)}
+
+
+@dataclass
+class Layout:
+    """Who reads what: `consumers` readers, the units of the regular epochs (from `base_epoch` on) and
+    the residual work left by an earlier layout, read first (as phase `base_epoch - 1`)."""
+
+    consumers: int
+    units: list[Unit]
+    seed: int
+    base_epoch: int = 0
+    residual: tuple[Work, ...] = ()
+
+    def plan(self, consumer: int, phase: int) -> list[Work]:
+        if phase < self.base_epoch:
+            return list(self.residual[consumer :: self.consumers]) if phase == self.base_epoch - 1 else []
+        order = np.random.default_rng([self.seed, phase]).permutation(len(self.units))
+        return [Work(phase, self.units[i]) for i in order[consumer :: self.consumers]]
+
+    def start(self) -> tuple[int, int, int]:
+        """Where a consumer that has not read anything yet begins."""
+        return (self.base_epoch - 1, 0, 0) if self.residual else (self.base_epoch, 0, 0)
 
 
 class TrainStream(IterableDataset):
@@ -98,7 +192,8 @@ class TrainStream(IterableDataset):
         workers: int,
         seed: int,
         shuffle_buffer: int,
-        state: dict | None = None,
+        state: dict | list[dict] | None = None,
+        max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
     ):
         self.manifest = manifest
         self.batch_size = batch_size
@@ -106,6 +201,7 @@ class TrainStream(IterableDataset):
         self.rank, self.world, self.workers = rank, world, workers
         self.seed = seed
         self.shuffle_buffer = shuffle_buffer
+        self.max_bad_fraction = max_bad_fraction
         self.slots = max(workers, 1)
         self.consumers = world * self.slots
         if manifest.num_samples < self.consumers:
@@ -113,9 +209,12 @@ class TrainStream(IterableDataset):
                 f"split {manifest.root} has {manifest.num_samples} samples, fewer than the "
                 f"{world} ranks x {self.slots} workers that read it"
             )
-        self.units = make_units(len(manifest.shards), self.consumers)
+        check_local_shards(manifest)
+        self.layout = Layout(self.consumers, make_units(len(manifest.shards), self.consumers), seed)
         self.positions: dict[int, tuple[int, int, int]] = {}
-        self.batches = 0  # batches this rank has consumed, over all resumptions
+        self.counts: dict[int, tuple[int, int]] = {}  # consumer -> (corrupt samples, samples read)
+        self.carried = (0, 0)  # counts of the readers of an earlier layout (rank 0 keeps them)
+        self.batches = 0  # batches this rank has consumed since the layout was set
         if state:
             self.load_state_dict(state)
 
@@ -124,26 +223,85 @@ class TrainStream(IterableDataset):
         return {
             "world": self.world,
             "workers": self.slots,
+            "rank": self.rank,
             "batches": self.batches,
             "positions": {int(c): list(p) for c, p in self.positions.items()},
+            "counts": {int(c): list(n) for c, n in self.counts.items()},
+            "carried": list(self.carried),
+            "base_epoch": self.layout.base_epoch,
+            "residual": [[w.epoch, w.unit.shard, w.unit.part, w.unit.parts, w.start] for w in self.layout.residual],
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        if state["world"] != self.world or state["workers"] != self.slots:
+    def load_state_dict(self, state: dict | list[dict]) -> None:
+        """The rank's own state (same layout), or the states of every rank of the run that saved them
+        (any layout: with another one, the epochs in progress are redistributed)."""
+        if isinstance(state, dict):
+            if state["world"] != self.world or state["workers"] != self.slots:
+                raise UserError(
+                    f"cannot resume the stream of {self.manifest.root} from one rank's state: it was read by "
+                    f"{state['world']} ranks x {state['workers']} workers, this run has {self.world} x {self.slots}"
+                )
+            states = [state]
+        else:
+            states = sorted(state, key=lambda s: s.get("rank", 0))
+        first = states[0]
+        residual = tuple(Work(e, Unit(s, p, n), start) for e, s, p, n, start in first.get("residual", []))
+        old_consumers = first["world"] * first["workers"]
+        old = Layout(old_consumers, make_units(len(self.manifest.shards), old_consumers), self.seed, first.get("base_epoch", 0), residual)
+        positions = {int(c): tuple(p) for s in states for c, p in s["positions"].items()}
+        counts = {int(c): tuple(n) for s in states for c, n in s.get("counts", {}).items()}
+        if first["world"] == self.world and first["workers"] == self.slots:
+            mine = next((s for s in states if s.get("rank", self.rank) == self.rank), None)
+            if mine is None or len(states) not in (1, self.world):
+                raise UserError(f"cannot resume the stream of {self.manifest.root}: the saved states do not cover rank {self.rank}")
+            self.layout = old
+            self.batches = int(mine["batches"])
+            self.positions = {c: p for c, p in positions.items() if c // self.slots == self.rank}
+            self.counts = {c: n for c, n in counts.items() if c // self.slots == self.rank}
+            self.carried = tuple(mine.get("carried", (0, 0)))
+            return
+        if len(states) != first["world"]:
             raise UserError(
-                f"cannot resume the stream of {self.manifest.root}: it was read by {state['world']} ranks x "
-                f"{state['workers']} workers, this run has {self.world} x {self.slots}; resume with the same "
-                "number of processes and data.workers"
+                f"cannot resume the stream of {self.manifest.root} on {self.world} ranks x {self.slots} workers: "
+                f"that needs the states of all {first['world']} ranks that saved it, {len(states)} given"
             )
-        self.batches = int(state["batches"])
-        self.positions = {int(c): tuple(p) for c, p in state["positions"].items()}
+        self.layout = self._redistribute(old, positions)
+        self.positions, self.counts, self.batches = {}, {}, 0
+        if self.rank == 0:  # the old readers' counts, reported once
+            totals = np.array([s.get("carried", (0, 0)) for s in states] + list(counts.values())).sum(axis=0)
+            self.carried = (int(totals[0]), int(totals[1]))
+
+    def _redistribute(self, old: Layout, positions: dict[int, tuple[int, int, int]]) -> Layout:
+        """What every old consumer had left of the epochs in progress, as residual work of a new layout."""
+        where = {c: positions.get(c, old.start()) for c in range(old.consumers)}
+        last = max(phase for phase, _, _ in where.values())
+        left: list[Work] = []
+        for consumer, (phase, cursor, offset) in where.items():
+            while phase <= last:
+                for work in old.plan(consumer, phase)[cursor:]:
+                    start = max(work.start, offset)
+                    if start < work.unit.length(self.manifest):
+                        left.append(Work(work.epoch, work.unit, start))
+                    offset = 0
+                phase, cursor, offset = phase + 1, 0, 0
+        return Layout(self.consumers, make_units(len(self.manifest.shards), self.consumers), self.seed, last + 1, tuple(left))
 
     def observe(self, batch: dict) -> dict:
         """Record that the training loop consumed `batch` (prefetched batches do not count)."""
         consumer, *position = batch.pop("position")
         self.positions[int(consumer)] = tuple(int(v) for v in position)
+        self.counts[int(consumer)] = tuple(int(v) for v in batch.pop("counts"))
         self.batches += 1
         return batch
+
+    @property
+    def corrupt_samples(self) -> int:
+        """Corrupt samples skipped by this rank's readers in consumed batches, over all resumptions."""
+        return self.carried[0] + sum(bad for bad, _ in self.counts.values())
+
+    @property
+    def samples_read(self) -> int:
+        return self.carried[1] + sum(read for _, read in self.counts.values())
 
     # -- iteration -------------------------------------------------------------------------------
     def _consumer(self) -> int:
@@ -153,69 +311,68 @@ class TrainStream(IterableDataset):
         # from worker 0, so worker 0 plays the consumer whose turn it was.
         return self.rank * self.slots + (worker + self.batches) % self.slots
 
-    def plan(self, consumer: int, epoch: int) -> list[Unit]:
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.units))
-        return [self.units[i] for i in order[consumer :: self.consumers]]
+    def plan(self, consumer: int, epoch: int) -> list[Work]:
+        return self.layout.plan(consumer, epoch)
 
     def __iter__(self) -> Iterator[dict]:
+        return _carry_errors(self._batches())
+
+    def _batches(self) -> Iterator[dict]:
         consumer = self._consumer()
-        epoch, cursor, offset = self.positions.get(consumer, (0, 0, 0))
+        phase, cursor, offset = self.positions.get(consumer, self.layout.start())
+        checker = SampleChecker(self.manifest, self.max_bad_fraction, *self.counts.get(consumer, (0, 0)))
         pending: list[tuple[int, int, int, dict]] = []
         while True:
-            plan = self.plan(consumer, epoch)
+            plan = self.plan(consumer, phase)
             while cursor < len(plan):
-                unit = plan[cursor]
-                length = unit.length(self.manifest)
-                for position, raw in islice(unit_samples(self.manifest, unit, self.seed, epoch, self.shuffle_buffer), offset, None):
+                work = plan[cursor]
+                offset = max(offset, work.start)
+                length = work.unit.length(self.manifest)
+                url = self.manifest.url(self.manifest.shards[work.unit.shard])
+                samples = unit_samples(self.manifest, work.unit, self.seed, work.epoch, self.shuffle_buffer)
+                for position, raw in islice(samples, offset, None):
                     offset += 1
-                    pending.append((epoch, unit.shard, position, raw))
+                    sample = checker(raw, url)
+                    if sample is not None:
+                        pending.append((work.epoch, work.unit.shard, position, sample))
                     if len(pending) == self.batch_size:
-                        after = (epoch, cursor, offset) if offset < length else _next(epoch, cursor + 1, plan)
-                        yield self._collate(pending, (consumer, *after))
+                        after = (phase, cursor, offset) if offset < length else _next(phase, cursor + 1, plan)
+                        yield self._collate(pending, (consumer, *after), (checker.bad, checker.read))
                         pending = []
                 cursor, offset = cursor + 1, 0
-            epoch, cursor = epoch + 1, 0
+            phase, cursor = phase + 1, 0
 
-    def _collate(self, pending: list, position: tuple) -> dict:
-        return collate(pending, self.views, self.seed, self.manifest) | {"position": position}
-
-
-def _next(epoch: int, cursor: int, plan: list) -> tuple[int, int, int]:
-    return (epoch + 1, 0, 0) if cursor >= len(plan) else (epoch, cursor, 0)
+    def _collate(self, pending: list, position: tuple, counts: tuple) -> dict:
+        return collate(pending, self.views, self.seed) | {"position": position, "counts": counts}
 
 
-def collate(pending: list[tuple[int, int, int, dict]], views: dict, seed: int, manifest: Manifest) -> dict:
-    """Decode and augment a list of (epoch, shard, position, raw) into a batch of every view."""
-    channels = manifest.shape[-1] if manifest.kind == "image" else 0
+def _next(phase: int, cursor: int, plan: list) -> tuple[int, int, int]:
+    return (phase + 1, 0, 0) if cursor >= len(plan) else (phase, cursor, 0)
+
+
+def collate(pending: list[tuple[int, int, int, dict]], views: dict, seed: int) -> dict:
+    """Augment a list of (epoch, shard, position, decoded sample) into a batch of every view."""
     outputs: dict[str, list] = {name: [] for name in views}
-    labels, truths, keys, softs = [], [], [], []
     generator = torch.default_generator
     saved = generator.get_state()
     try:
-        for epoch, shard, position, raw in pending:
-            try:
-                sample = decode_sample(raw, channels)
-            except Exception as exc:
-                raise ValueError(f"{manifest.url(manifest.shards[shard])}: cannot decode sample {raw.get('__key__')}: {exc}") from exc
+        for epoch, shard, position, sample in pending:
             for index, (name, view) in enumerate(views.items()):
                 generator.manual_seed(mix(seed, epoch, shard, position, index))
                 outputs[name].append(view.per_sample(sample["input"]))
-            labels.append(-1 if sample["label"] is None else sample["label"])
-            truths.append(-1 if sample["truth"] is None else sample["truth"])
-            keys.append(sample["key"])
-            if sample["soft"] is not None:
-                softs.append(sample["soft"])
     finally:
         generator.set_state(saved)
     batch = {
         "inputs": {name: views[name].batch(torch.stack(values)) for name, values in outputs.items()},
-        "label": torch.tensor(labels, dtype=torch.long),
-        "truth": torch.tensor(truths, dtype=torch.long),
-        "keys": keys,
+        "label": torch.tensor([-1 if s["label"] is None else s["label"] for *_, s in pending], dtype=torch.long),
+        "truth": torch.tensor([-1 if s["truth"] is None else s["truth"] for *_, s in pending], dtype=torch.long),
+        "epoch": torch.tensor([epoch for epoch, *_ in pending], dtype=torch.long),
+        "keys": [s["key"] for *_, s in pending],
     }
-    if softs:
+    softs = [s["soft"] for *_, s in pending if s["soft"] is not None]
+    if softs:  # a split of soft pseudo-labels (dist-ssl select --soft): the class probabilities
         if len(softs) != len(pending):
-            raise ValueError(f"{manifest.root}: some samples carry soft targets (soft.npy) and others do not")
+            raise DataError("some samples of the batch carry soft targets (soft.npy) and others do not")
         batch["soft"] = torch.stack(softs)
     return batch
 
@@ -225,12 +382,15 @@ class EvalStream(IterableDataset):
 
     Ranks take contiguous blocks of shards; with fewer shards than ranks, every rank reads all of
     them and keeps every world-th sample. A rank or worker may get nothing; callers reduce sums, so
-    nobody waits for a batch that never comes.
+    nobody waits for a batch that never comes. Corrupt samples are skipped (callers see fewer
+    samples than the manifest lists).
     """
 
-    def __init__(self, manifest: Manifest, batch_size: int, view, rank: int, world: int):
+    def __init__(self, manifest: Manifest, batch_size: int, view, rank: int, world: int, max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION):
         self.manifest, self.batch_size, self.view = manifest, batch_size, view
         self.rank, self.world = rank, world
+        self.max_bad_fraction = max_bad_fraction
+        check_local_shards(manifest)
 
     def my_units(self) -> list[Unit]:
         n = len(self.manifest.shards)
@@ -245,17 +405,21 @@ class EvalStream(IterableDataset):
         return units
 
     def __iter__(self) -> Iterator[dict]:
-        channels = self.manifest.shape[-1] if self.manifest.kind == "image" else 0
+        return _carry_errors(self._batches())
+
+    def _batches(self) -> Iterator[dict]:
+        checker = SampleChecker(self.manifest, self.max_bad_fraction)
         batch: list[dict] = []
         for unit in self.my_units():
-            url = self.manifest.url(self.manifest.shards[unit.shard])
-            for position, raw in enumerate(raw_samples(url)):
+            shard = self.manifest.shards[unit.shard]
+            url = self.manifest.url(shard)
+            for position, raw in enumerate(raw_samples(url, shard)):
                 if position % unit.parts != unit.part:
                     continue
-                try:
-                    batch.append(decode_sample(raw, channels))
-                except Exception as exc:
-                    raise ValueError(f"{url}: cannot decode sample {raw.get('__key__')}: {exc}") from exc
+                sample = checker(raw, url)
+                if sample is None:
+                    continue
+                batch.append(sample)
                 if len(batch) == self.batch_size:
                     yield self._collate(batch)
                     batch = []
@@ -271,13 +435,30 @@ class EvalStream(IterableDataset):
         }
 
 
-def loader(stream: IterableDataset, workers: int) -> DataLoader:
-    """Batches are made inside the stream; the DataLoader only adds worker processes."""
-    return DataLoader(
+class Batches:
+    """A DataLoader's batches, with a DataError found in a worker raised here as the same one-line
+    error (DataLoader itself would re-raise it wrapped in a multi-line traceback text)."""
+
+    def __init__(self, dataloader: DataLoader):
+        self.dataloader = dataloader
+
+    def __iter__(self) -> Iterator[dict]:
+        batches = iter(self.dataloader)
+        while (batch := next(batches, None)) is not None:
+            if "error" in batch:
+                # The worker processes go now, not whenever the traceback that holds this frame is freed.
+                del batches
+                raise DataError(batch["error"])
+            yield batch
+
+
+def loader(stream: IterableDataset, workers: int) -> Batches:
+    """Batches are made inside the stream; the DataLoader only adds worker processes (one iterator
+    per loader: an infinite training stream, or one pass of evaluation, so workers never persist)."""
+    return Batches(DataLoader(
         stream,
         batch_size=None,
         num_workers=workers,
-        persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
         pin_memory=torch.cuda.is_available(),
-    )
+    ))

@@ -10,17 +10,18 @@ from torch import nn
 from torch.nn import functional as F
 
 from dist_ssl.data.shards import Manifest
-from dist_ssl.data.streams import EvalStream, loader
+from dist_ssl.data.streams import DEFAULT_MAX_BAD_FRACTION, EvalStream, loader
 from dist_ssl.errors import UserError
 
 
 @torch.no_grad()
-def evaluate(net: nn.Module, manifest: Manifest, view, accelerator, batch_size: int, workers: int = 0) -> dict:
+def evaluate(net: nn.Module, manifest: Manifest, view, accelerator, batch_size: int, workers: int = 0,
+             max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION) -> dict:
     """Sums are reduced over ranks, so a rank with no samples contributes zeros and never blocks."""
     was_training = net.training
     net.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss sum, correct, count
-    stream = EvalStream(manifest, batch_size, view, accelerator.process_index, accelerator.num_processes)
+    stream = EvalStream(manifest, batch_size, view, accelerator.process_index, accelerator.num_processes, max_bad_fraction)
     try:
         for batch in loader(stream, min(workers, len(stream.my_units()))):
             labels = batch["label"].to(accelerator.device)
@@ -38,7 +39,8 @@ def evaluate(net: nn.Module, manifest: Manifest, view, accelerator, batch_size: 
     loss_sum, correct, count = totals.tolist()
     if count == 0:
         raise UserError(f"split {manifest.root} is empty")
-    return {"accuracy": correct / count, "loss": loss_sum / count, "samples": int(count)}
+    # exactly once: whatever the manifest lists and was not evaluated was skipped as corrupt
+    return {"accuracy": correct / count, "loss": loss_sum / count, "samples": int(count), "corrupt_samples": manifest.num_samples - int(count)}
 
 
 @dataclass
@@ -90,5 +92,5 @@ def evaluate_checkpoint(path: str, shards: str, split: str = "test", batch_size:
     net = loaded.net.to(accelerator.device)
     # The training split's normalization, not the evaluated split's: the model was trained with it.
     views = build_views(manifest.kind, manifest.input_shape, meta["mean"], meta["std"], loaded.cfg.data.augment)
-    result = evaluate(net, manifest, views["plain"], accelerator, batch_size)
+    result = evaluate(net, manifest, views["plain"], accelerator, batch_size, max_bad_fraction=loaded.cfg.data.max_bad_fraction)
     return dict(result, checkpoint=str(loaded.folder), step=meta["step"], weights="ema" if loaded.ema else "raw", split=str(manifest.root))

@@ -60,7 +60,9 @@ def load_run_data(cfg: Config, method: type[Method]) -> RunData:
     for other in (test, unlabeled):
         if other is None:
             continue
-        if other.num_classes != labeled.num_classes or other.shape != labeled.shape:
+        # an unlabeled pool without classes (`shards write images`) has num_classes 0 and no truth
+        classes_differ = other.num_classes != labeled.num_classes and not (other is unlabeled and other.num_classes == 0)
+        if classes_differ or other.shape != labeled.shape:
             raise UserError(
                 f"split {other.root} ({other.num_classes} classes, shape {other.shape}) does not match "
                 f"{labeled.root} ({labeled.num_classes} classes, shape {labeled.shape})"
@@ -120,8 +122,11 @@ def train(cfg: Config) -> dict:
         "num_classes": data.labeled.num_classes,
         "input_shape": list(data.labeled.input_shape),
     }
+    saved_world = world
     if resume_from is not None:
-        _compatible(checkpoint.check_ours(resume_from), identity, resume_from)
+        saved = checkpoint.check_ours(resume_from)
+        _compatible(saved, identity, resume_from)
+        saved_world = saved.get("world_size", world)
 
     # Same initial weights on every rank; then each rank its own dropout stream.
     torch.manual_seed(cfg.train.seed)
@@ -140,7 +145,7 @@ def train(cfg: Config) -> dict:
     if resume_from is not None:
         models = checkpoint.load_file(resume_from / "model.pt")
         training = checkpoint.load_file(resume_from / "training.pt")
-        mine = checkpoint.load_file(resume_from / f"rank-{rank:05d}.pt")
+        mine = checkpoint.load_file(resume_from / f"rank-{rank:05d}.pt") if rank < saved_world else None
         for role, net in nets.items():
             net.load_state_dict(models["nets"][role])
             optimizers[role].load_state_dict(training["optimizers"][role])
@@ -149,8 +154,16 @@ def train(cfg: Config) -> dict:
             ema.load_state_dict(models["emas"][role])
         method.load_state_dict(training["method"])
         state = training["state"]
-        checkpoint.set_rng_state(mine["rng"])
-        streams_state = mine["streams"]
+        if mine is not None:
+            checkpoint.set_rng_state(mine["rng"])
+        else:  # a rank the saved run did not have
+            torch.manual_seed(mix(cfg.train.seed, 1, rank, state["step"]))
+        slots = max(cfg.data.workers, 1)
+        if saved_world == world and all(s["workers"] == slots for s in mine["streams"].values()):
+            streams_state = mine["streams"]
+        else:  # another layout: the streams redistribute what every saved rank had left (data.streams)
+            every = [checkpoint.load_file(resume_from / f"rank-{r:05d}.pt")["streams"] for r in range(saved_world)]
+            streams_state = {name: [ranks[name] for ranks in every] for name in every[0]}
     else:
         torch.manual_seed(mix(cfg.train.seed, 1, rank))
     for role in nets:
@@ -164,13 +177,13 @@ def train(cfg: Config) -> dict:
     workers = cfg.data.workers
     labeled_stream = TrainStream(
         data.labeled, labeled_batch, {method_cls.labeled_view: views[method_cls.labeled_view]}, rank, world, workers,
-        mix(cfg.data.seed, 1), cfg.data.shuffle_buffer, streams_state.get("labeled"),
+        mix(cfg.data.seed, 1), cfg.data.shuffle_buffer, streams_state.get("labeled"), cfg.data.max_bad_fraction,
     )
     unlabeled_stream = None
     if data.unlabeled is not None:
         unlabeled_stream = TrainStream(
             data.unlabeled, unlabeled_batch, {v: views[v] for v in method_cls.unlabeled_views}, rank, world, workers,
-            mix(cfg.data.seed, 2), cfg.data.shuffle_buffer, streams_state.get("unlabeled"),
+            mix(cfg.data.seed, 2), cfg.data.shuffle_buffer, streams_state.get("unlabeled"), cfg.data.max_bad_fraction,
         )
 
     if accelerator.is_main_process:
@@ -179,7 +192,8 @@ def train(cfg: Config) -> dict:
     accelerator.wait_for_everyone()
     logger = RunLogger(run_dir, accelerator, total, state["step"])
     if resume_from is not None:
-        logger.line(f"resumed from {resume_from} at step {state['step']}")
+        layout = f" (saved by {saved_world} processes, continuing on {world})" if saved_world != world else ""
+        logger.line(f"resumed from {resume_from} at step {state['step']}{layout}")
 
     def optimize(role: str, loss: torch.Tensor) -> None:
         optimizer = optimizers[role]
@@ -196,7 +210,7 @@ def train(cfg: Config) -> dict:
     samples_per_step = cfg.data.batch_size + (cfg.data.batch_size * cfg.data.unlabeled_batch_ratio if unlabeled_stream else 0)
 
     def run_eval(step: int) -> dict:
-        result = evaluate(eval_net, data.test, views["plain"], accelerator, cfg.data.eval_batch_size, workers)
+        result = evaluate(eval_net, data.test, views["plain"], accelerator, cfg.data.eval_batch_size, workers, cfg.data.max_bad_fraction)
         logger.scalars("eval", {"accuracy": result["accuracy"], "loss": result["loss"]}, step)
         state["history"].append({"step": step, "epoch": step / cfg.train.steps_per_epoch, **result})
         return result
@@ -222,6 +236,7 @@ def train(cfg: Config) -> dict:
                         yaml.safe_dump(to_dict(cfg), sort_keys=False), cfg.train.keep_last)
 
     session_start, wall_before, start_step = time.time(), state["wall_seconds"], state["step"]
+    train_streams = {"labeled": labeled_stream, "unlabeled": unlabeled_stream} if unlabeled_stream else {"labeled": labeled_stream}
     labeled_batches = iter(loader(labeled_stream, workers))
     unlabeled_batches = iter(loader(unlabeled_stream, workers)) if unlabeled_stream is not None else None
     last_eval = None
@@ -246,6 +261,8 @@ def train(cfg: Config) -> dict:
         logger.advance()
         done = step + 1
         if done % cfg.train.log_every_steps == 0 or done == total:
+            for name, stream in train_streams.items():  # cumulative, over all ranks
+                logger.accumulate_ratio(f"corrupt_fraction_{name}", stream.corrupt_samples, stream.samples_read)
             logger.flush(done)
         if done % cfg.train.steps_per_epoch == 0 or done == total:
             epoch = -(-done // cfg.train.steps_per_epoch)
@@ -259,6 +276,9 @@ def train(cfg: Config) -> dict:
         last_eval = run_eval(total)
         save_checkpoint(total)
     session_seconds = time.time() - session_start
+    corrupt = torch.tensor([s.corrupt_samples for s in train_streams.values()], dtype=torch.float64, device=device)
+    if world > 1:
+        corrupt = accelerator.reduce(corrupt, "sum")
     results = {
         "method": cfg.method.name,
         "dataset": data.source,
@@ -272,6 +292,7 @@ def train(cfg: Config) -> dict:
         "world_size": world,
         "wall_seconds": wall_before + session_seconds,
         "train_samples_per_second": (total - start_step) * samples_per_step / session_seconds if total > start_step else None,
+        "corrupt_samples": {name: int(n) for name, n in zip(train_streams, corrupt.tolist())},
         "run_dir": str(run_dir),
     }
     if accelerator.is_main_process:

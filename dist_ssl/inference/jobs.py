@@ -29,13 +29,6 @@ MANIFEST = "manifest.json"
 JOB = "job.json"
 
 
-class RankError(UserError):
-    """A bad input only this rank met (a corrupt shard in its block): the CLI prints it whatever the
-    rank, since rank 0 never sees it."""
-
-    rank_local = True
-
-
 def contiguous_blocks(sizes: Sequence[int], parts: int) -> list[range]:
     """Items 0..n-1 split into `parts` contiguous ranges of about equal total size (some may be empty).
 

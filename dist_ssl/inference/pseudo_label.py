@@ -15,9 +15,14 @@ trimmed back. Here the unit of work is an input shard, whose length the manifest
   with its manifest count, nothing from another shard, no key twice) before it publishes
   `manifest.json` with the pool's statistics; otherwise every rank fails with one clear error.
 
-What a file stores, per sample in shard order: its key, the top-P classes (int32) and their
-probabilities (float32), most probable first, and the hidden truth (-1 when unknown), as plain
-arrays in one .npz (read with allow_pickle=False), plus the shard's label statistics. No image
+Shards are read as training reads them (`data.shards`): bytes, sha256 and sample count are checked
+against the manifest in the same pass, and a sample that does not decode is skipped, its key kept
+in the file's `skipped` list, until more than `max_bad_fraction` of what a reader read was corrupt.
+
+What a file stores, per sample in shard order: its key, its position in the shard, the top-P
+classes (int32) and their probabilities (float32), most probable first, and the hidden truth (-1
+when unknown), as plain arrays in one .npz (read with allow_pickle=False), plus the keys of skipped
+corrupt samples and the shard's label statistics. No image
 bytes: at billion scale the predictions are ~100 bytes per image against kilobytes for the image,
 and a selection keeps a few percent of the pool, so `select` re-reads only the pool shards it
 needs, in order, by (shard, position).
@@ -32,13 +37,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
 from dist_ssl.config import InferenceConfig
-from dist_ssl.data.shards import Manifest, decode_sample, load_manifest, sha256_file
-from dist_ssl.data.streams import raw_samples
+from dist_ssl.data.shards import DataError, Manifest, check_local_shards, load_manifest, raw_samples, sha256_file
+from dist_ssl.data.streams import SampleChecker, loader
 from dist_ssl.errors import UserError
-from dist_ssl.inference.jobs import MANIFEST, RankError, atomic_write, atomic_write_json, claim_folder, contiguous_blocks, on_main
+from dist_ssl.inference.jobs import MANIFEST, atomic_write, atomic_write_json, claim_folder, contiguous_blocks, on_main
 from dist_ssl.inference.report import LabelStats
 
 FORMAT = "dist-ssl-pseudo-labels/1"
@@ -51,14 +56,16 @@ def output_name(shard: int) -> str:
 @dataclass
 class ShardPredictions:
     keys: np.ndarray  # bytes (utf-8) [n]
+    positions: np.ndarray  # int32 [n]: where each sample sits in its shard (corrupt ones are skipped)
     classes: np.ndarray  # int32 [n, P], most probable first
     probs: np.ndarray  # float32 [n, P]
     truth: np.ndarray  # int32 [n], -1 where unknown
+    skipped: np.ndarray  # bytes [m]: keys of the shard's corrupt samples
 
 
 def read_predictions(path: Path) -> ShardPredictions:
     with np.load(path, allow_pickle=False) as data:
-        return ShardPredictions(data["keys"], data["classes"], data["probs"], data["truth"])
+        return ShardPredictions(data["keys"], data["positions"], data["classes"], data["probs"], data["truth"], data["skipped"])
 
 
 def load_predictions_manifest(folder: str | Path) -> dict:
@@ -86,41 +93,51 @@ def pool_manifest(path: str | Path) -> Manifest:
 
 class ShardReader(IterableDataset):
     """Decoded samples of whole shards in batches that never span two shards; each shard ends with
-    an {'end': count} item. DataLoader workers take every W-th shard. A shard that cannot be read
-    becomes an {'error'} item, so the main process raises one clear error instead of a worker's
-    traceback."""
+    an {'end'} item that lists its corrupt samples. DataLoader workers take every W-th shard. A
+    DataError (an altered shard, too many corrupt samples) becomes an {'error'} item, which `loader`
+    raises in the main process as the same one-line error."""
 
-    def __init__(self, manifest: Manifest, shards: list[int], batch_size: int, per_sample):
+    def __init__(self, manifest: Manifest, shards: list[int], batch_size: int, per_sample, max_bad_fraction: float):
         self.manifest, self.shards, self.batch_size, self.per_sample = manifest, shards, batch_size, per_sample
+        self.max_bad_fraction = max_bad_fraction
 
     def __iter__(self):
         info = get_worker_info()
         shards = self.shards[info.id :: info.num_workers] if info is not None else self.shards
-        channels = self.manifest.shape[-1] if self.manifest.kind == "image" else 0
-        for shard in shards:
-            url = self.manifest.url(self.manifest.shards[shard])
-            batch: list[dict] = []
-            count = 0
-            try:
-                for raw in raw_samples(url):
-                    batch.append(decode_sample(raw, channels))
-                    count += 1
-                    if len(batch) == self.batch_size:
-                        yield self._collate(shard, batch)
-                        batch = []
-            except Exception as exc:  # a corrupt or truncated shard
-                yield {"shard": shard, "error": f"cannot read {url} after {count} samples: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"}
-                return
-            if batch:
-                yield self._collate(shard, batch)
-            yield {"shard": shard, "end": count}
+        checker = SampleChecker(self.manifest, self.max_bad_fraction)
+        try:
+            for shard in shards:
+                yield from self._shard(shard, checker)
+        except DataError as exc:
+            if info is None:
+                raise
+            yield {"error": str(exc)}
 
-    def _collate(self, shard: int, batch: list[dict]) -> dict:
+    def _shard(self, shard: int, checker: SampleChecker):
+        info = self.manifest.shards[shard]
+        url = self.manifest.url(info)
+        batch: list[tuple[int, dict]] = []
+        skipped: list[str] = []
+        for position, raw in enumerate(raw_samples(url, info)):  # checked against the manifest as it is read
+            sample = checker(raw, url)
+            if sample is None:
+                skipped.append(raw.get("__key__", "?"))
+                continue
+            batch.append((position, sample))
+            if len(batch) == self.batch_size:
+                yield self._collate(shard, batch)
+                batch = []
+        if batch:
+            yield self._collate(shard, batch)
+        yield {"shard": shard, "end": True, "skipped": skipped}
+
+    def _collate(self, shard: int, batch: list[tuple[int, dict]]) -> dict:
         return {
             "shard": shard,
-            "input": torch.stack([self.per_sample(s["input"]) for s in batch]),
-            "keys": [s["key"] for s in batch],
-            "truth": torch.tensor([-1 if s["truth"] is None else s["truth"] for s in batch], dtype=torch.int32),
+            "input": torch.stack([self.per_sample(s["input"]) for _, s in batch]),
+            "keys": [s["key"] for _, s in batch],
+            "positions": torch.tensor([p for p, _ in batch], dtype=torch.int32),
+            "truth": torch.tensor([-1 if s["truth"] is None else s["truth"] for _, s in batch], dtype=torch.int32),
         }
 
 
@@ -146,22 +163,17 @@ def _precision_name(dtype: torch.dtype | None) -> str:
 
 @torch.inference_mode()
 def _predict(net, pool: Manifest, view, shards: list[int], out: Path, device: torch.device, dtype, top_p: int,
-             batch_size: int, workers: int) -> None:
+             batch_size: int, workers: int, max_bad_fraction: float) -> None:
     channels_last = device.type == "cuda" and len(pool.input_shape) == 3  # faster convolutions on tensor cores
     net = net.to(device).eval()
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
-    reader = ShardReader(pool, shards, batch_size, view.per_sample)
-    workers = min(workers, len(shards))
-    batches = DataLoader(reader, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
-                         prefetch_factor=4 if workers else None)
+    reader = ShardReader(pool, shards, batch_size, view.per_sample, max_bad_fraction)
     parts: dict[int, list] = {}
-    for item in batches:
+    for item in loader(reader, min(workers, len(shards))):
         shard = item["shard"]
-        if "error" in item:
-            raise RankError(item["error"])
         if "end" in item:
-            _write_shard(out, pool, shard, parts.pop(shard, []), item["end"], top_p)
+            _write_shard(out, pool, shard, parts.pop(shard, []), item["skipped"], top_p)
             continue
         # uint8 travels to the device and is normalized there: 4x less to copy than float32
         x = view.batch(item["input"].to(device, non_blocking=True))
@@ -171,22 +183,27 @@ def _predict(net, pool: Manifest, view, shards: list[int], out: Path, device: to
             logits = net(x)
         probs, classes = torch.softmax(logits.float(), dim=1).topk(top_p, dim=1)
         # kept on the device until the shard is complete: no synchronization per batch
-        parts.setdefault(shard, []).append((item["keys"], classes, probs, item["truth"]))
+        parts.setdefault(shard, []).append((item["keys"], item["positions"], classes, probs, item["truth"]))
 
 
-def _write_shard(out: Path, pool: Manifest, shard: int, parts: list, count: int, top_p: int) -> None:
+def _keys(keys: list[str]) -> np.ndarray:
+    return np.array([k.encode() for k in keys], dtype="S") if keys else np.zeros(0, "S1")
+
+
+def _write_shard(out: Path, pool: Manifest, shard: int, parts: list, skipped: list[str], top_p: int) -> None:
     info = pool.shards[shard]
-    if count != info.num_samples:
-        raise RankError(f"{pool.url(info)} has {count} samples, its manifest says {info.num_samples}: the pool changed after its manifest was written")
-    keys = np.array([k.encode() for part in parts for k in part[0]], dtype="S") if count else np.zeros(0, "S1")
-    classes = torch.cat([p[1] for p in parts]).cpu().numpy().astype(np.int32) if count else np.zeros((0, top_p), np.int32)
-    probs = torch.cat([p[2] for p in parts]).cpu().numpy().astype(np.float32) if count else np.zeros((0, top_p), np.float32)
-    truth = torch.cat([p[3] for p in parts]).numpy().astype(np.int32) if count else np.zeros(0, np.int32)
+
+    def column(i: int, dtype, empty_shape) -> np.ndarray:
+        return torch.cat([p[i] for p in parts]).cpu().numpy().astype(dtype) if parts else np.zeros(empty_shape, dtype)
+
+    classes, probs = column(2, np.int32, (0, top_p)), column(3, np.float32, (0, top_p))
+    truth = column(4, np.int32, (0,))
     stats = LabelStats(pool.num_classes)
     stats.add(classes[:, 0], probs[:, 0], truth)
-    source = json.dumps({"shard": shard, "url": info.url, "sha256": info.sha256, "num_samples": info.num_samples})
-    atomic_write(out / output_name(shard), lambda handle: np.savez(
-        handle, keys=keys, classes=classes, probs=probs, truth=truth, source=np.array(source), **stats.arrays()))
+    arrays = dict(keys=_keys([k for p in parts for k in p[0]]), positions=column(1, np.int32, (0,)), classes=classes, probs=probs,
+                  truth=truth, skipped=_keys(skipped), **stats.arrays(),
+                  source=np.array(json.dumps({"shard": shard, "url": info.url, "sha256": info.sha256, "num_samples": info.num_samples})))
+    atomic_write(out / output_name(shard), lambda handle: np.savez(handle, **arrays))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,7 +235,8 @@ def _repeated_keys(paths: list[Path], hashes: list[np.ndarray]) -> dict[bytes, l
     for path, shard_hashes in zip(paths, hashes):
         hit = np.isin(shard_hashes, suspects)
         if hit.any():
-            for key in read_predictions(path).keys[hit]:
+            preds = read_predictions(path)
+            for key in np.concatenate([preds.keys, preds.skipped])[hit]:
                 seen.setdefault(bytes(key), []).append(path.name)
     return {key: files for key, files in seen.items() if len(files) > 1}
 
@@ -238,15 +256,16 @@ def _publish(pool: Manifest, out: Path, job: dict) -> dict:
             continue
         with np.load(path, allow_pickle=False) as data:
             source = json.loads(str(data["source"]))
-            keys = data["keys"]
+            keys, skipped = data["keys"], data["skipped"]
             if (source["url"], source["sha256"]) != (info.url, info.sha256):
                 raise UserError(f"{path} holds predictions of {source['url']} (sha256 {source['sha256'][:12]}), not of the pool's shard {info.url}")
-            if len(keys) != info.num_samples:
-                raise UserError(f"{path} holds {len(keys)} keys; the manifest lists {info.num_samples} for {info.url}")
+            if len(keys) + len(skipped) != info.num_samples:
+                raise UserError(f"{path} holds {len(keys)} keys and {len(skipped)} skipped; the manifest lists {info.num_samples} for {info.url}")
             stats.merge(LabelStats.from_arrays(data, pool.num_classes))
         paths.append(path)
-        hashes.append(key_hashes(keys))
-        shards.append({"file": path.name, "shard": index, "url": info.url, "num_samples": len(keys), "bytes": path.stat().st_size})
+        hashes.append(key_hashes(np.concatenate([keys, skipped])))
+        shards.append({"file": path.name, "shard": index, "url": info.url, "num_samples": len(keys), "corrupt_samples": len(skipped),
+                       "bytes": path.stat().st_size})
     if missing:
         raise UserError(
             f"pseudo-labels are incomplete: {len(missing)} of {len(pool.shards)} shards have no predictions "
@@ -256,10 +275,10 @@ def _publish(pool: Manifest, out: Path, job: dict) -> dict:
     if repeated:
         key, files = next(iter(repeated.items()))
         raise UserError(f"key {key.decode(errors='replace')!r} was labeled {len(files)} times (in {', '.join(files)}); {len(repeated)} keys repeat")
-    total = sum(s["num_samples"] for s in shards)
-    if total != pool.num_samples:
-        raise UserError(f"{total} samples were labeled; the manifest of {pool.root} says {pool.num_samples}")
-    manifest = dict(job, num_samples=total, shards=shards, statistics=stats.summary(pool.data["class_names"]))
+    total, corrupt = sum(s["num_samples"] for s in shards), sum(s["corrupt_samples"] for s in shards)
+    if total + corrupt != pool.num_samples:
+        raise UserError(f"{total} samples were labeled and {corrupt} skipped; the manifest of {pool.root} says {pool.num_samples}")
+    manifest = dict(job, num_samples=total, corrupt_samples=corrupt, shards=shards, statistics=stats.summary(pool.data["class_names"]))
     atomic_write_json(out / MANIFEST, manifest)
     return manifest
 
@@ -286,6 +305,7 @@ def label_pool(net: torch.nn.Module, pool: Manifest, view, out: Path, job: dict,
     )
 
     def prepare() -> dict:
+        check_local_shards(pool)
         published = claim_folder(out, job, "pseudo-labels")
         if published is not None:
             return {"published": published}
@@ -306,15 +326,16 @@ def label_pool(net: torch.nn.Module, pool: Manifest, view, out: Path, job: dict,
               f"{state.num_processes} process(es), {_precision_name(dtype)}, top-{top_p} -> {out}", flush=True)
     started = time.time()
     if mine:
-        _predict(net, pool, view, mine, out, state.device, dtype, top_p, cfg.batch_size, cfg.workers)
+        _predict(net, pool, view, mine, out, state.device, dtype, top_p, cfg.batch_size, cfg.workers, cfg.max_bad_fraction)
     state.wait_for_everyone()
     seconds = time.time() - started
     manifest = on_main(state, lambda: _publish(pool, out, job))
     if state.is_main_process:
         stats = manifest["statistics"]
         accuracy = "" if stats["accuracy"] is None else f", accuracy vs hidden truth {stats['accuracy']:.4f}"
+        corrupt = f"; {manifest['corrupt_samples']} corrupt samples skipped" if manifest["corrupt_samples"] else ""
         print(f"pseudo-labeled {todo} samples in {seconds:.1f} s ({todo / max(seconds, 1e-9):.0f} samples/s); "
-              f"pool: mean confidence {stats['mean_confidence'] or 0:.4f}{accuracy}", flush=True)
+              f"pool: mean confidence {stats['mean_confidence'] or 0:.4f}{accuracy}{corrupt}", flush=True)
     return manifest
 
 

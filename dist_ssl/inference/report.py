@@ -114,7 +114,7 @@ def sample_grid(split_dir: Path, class_names: list[str], count: int = 64, column
     from PIL import Image, ImageDraw, ImageFont
 
     from dist_ssl.data.shards import decode_sample, load_manifest
-    from dist_ssl.data.streams import raw_samples
+    from dist_ssl.data.shards import raw_samples
 
     manifest = load_manifest(split_dir)
     if manifest.kind != "image" or manifest.num_samples == 0:

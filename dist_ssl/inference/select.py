@@ -35,10 +35,9 @@ import numpy as np
 
 from dist_ssl.config import SelectConfig
 from dist_ssl.data.shards import FORMAT as SHARDS_FORMAT
-from dist_ssl.data.shards import IMAGE_EXTENSIONS, Manifest, load_manifest, sha256_file
-from dist_ssl.data.streams import raw_samples
+from dist_ssl.data.shards import INPUT_EXTENSIONS, DataError, Manifest, load_manifest, raw_samples, sha256_file
 from dist_ssl.errors import UserError
-from dist_ssl.inference.jobs import MANIFEST, RankError, atomic_write, atomic_write_json, claim_folder, contiguous_blocks, on_main
+from dist_ssl.inference.jobs import MANIFEST, atomic_write, atomic_write_json, claim_folder, contiguous_blocks, on_main
 from dist_ssl.inference.pseudo_label import load_predictions_manifest, read_predictions
 from dist_ssl.inference.report import LabelStats
 
@@ -128,10 +127,10 @@ def _chunk_rows(selected: int, chunks: int, index: int) -> range:
 
 
 def _member(raw: dict, where: str) -> str:
-    for ext in (*IMAGE_EXTENSIONS, "npy"):
+    for ext in INPUT_EXTENSIONS:
         if ext in raw:
             return ext
-    raise RankError(f"{where}: sample {raw.get('__key__')} has no image or npy member")
+    raise DataError(f"{where}: sample {raw.get('__key__')} has no image or npy member")
 
 
 def _npy(array: np.ndarray) -> bytes:
@@ -148,14 +147,16 @@ def _pseudo_samples(plan: dict, rows: range, repeated: np.ndarray, pool: Manifes
     for shard in np.unique(shards):
         idx = rows.start + np.nonzero(shards == shard)[0]  # plan rows of this shard, by position
         preds = read_predictions(predictions / files[int(shard)])
-        url = pool.url(pool.shards[int(shard)])
+        info = pool.shards[int(shard)]
+        url = pool.url(info)
         cursor = 0
-        for position, raw in enumerate(raw_samples(url)):
-            while cursor < len(idx) and plan["row"][idx[cursor]] == position:
+        for position, raw in enumerate(raw_samples(url, info)):
+            while cursor < len(idx) and preds.positions[plan["row"][idx[cursor]]] == position:
                 i = idx[cursor]
-                key, expected = raw["__key__"], preds.keys[position].decode()
+                row = int(plan["row"][i])
+                key, expected = raw["__key__"], preds.keys[row].decode()
                 if key != expected:
-                    raise RankError(f"{url} changed after it was pseudo-labeled: position {position} holds {key!r}, the predictions say {expected!r}")
+                    raise DataError(f"{url} changed after it was pseudo-labeled: position {position} holds {key!r}, the predictions say {expected!r}")
                 label = int(plan["label"][i])
                 member = _member(raw, url)
                 sample = {"__key__": f"{key}-c{label}" if repeated[i] else key, member: raw[member], "cls": str(label).encode()}
@@ -163,14 +164,14 @@ def _pseudo_samples(plan: dict, rows: range, repeated: np.ndarray, pool: Manifes
                     sample["truth.cls"] = str(int(plan["truth"][i])).encode()
                 if soft:
                     target = np.zeros(num_classes, np.float64)
-                    target[preds.classes[position]] = preds.probs[position]
+                    target[preds.classes[row]] = preds.probs[row]
                     sample["soft.npy"] = _npy(target / target.sum())
                 yield sample
                 cursor += 1
             if cursor == len(idx):
                 break
         if cursor < len(idx):
-            raise RankError(f"{url} ended before position {int(plan['row'][idx[cursor]])}: it changed after it was pseudo-labeled")
+            raise DataError(f"{url} ended before position {int(preds.positions[plan['row'][idx[cursor]]])}: it changed after it was pseudo-labeled")
 
 
 def _labeled_samples(labeled: Manifest, chunks: int, index: int, soft: bool) -> list[dict]:
@@ -178,10 +179,10 @@ def _labeled_samples(labeled: Manifest, chunks: int, index: int, soft: bool) -> 
     out, position = [], 0
     for info in labeled.shards:
         url = labeled.url(info)
-        for raw in raw_samples(url):
+        for raw in raw_samples(url, info):
             if position % chunks == index:
                 if "cls" not in raw:
-                    raise RankError(f"{url}: sample {raw['__key__']} of the labeled split has no label (cls)")
+                    raise DataError(f"{url}: sample {raw['__key__']} of the labeled split has no label (cls)")
                 member = _member(raw, url)
                 sample = {"__key__": raw["__key__"], member: raw[member], "cls": raw["cls"]}
                 if soft:

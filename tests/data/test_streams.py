@@ -1,14 +1,25 @@
-from collections import Counter
+import http.server
+import json
+import shutil
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from collections import Counter, defaultdict
+from functools import partial
 from itertools import islice
 
 import pytest
 import torch
 
 from dist_ssl.config import AugmentConfig
-from dist_ssl.data.shards import load_manifest
+from dist_ssl.data.shards import DataError, load_manifest
 from dist_ssl.data.streams import EvalStream, TrainStream, loader, unit_samples
 from dist_ssl.data.transforms import build_views
 from dist_ssl.errors import UserError
+from tests.conftest import REPO
+from tests.data.conftest import corrupt_png, repack, rewrite_shard
 
 
 def views_for(manifest, names=("weak", "strong")):
@@ -16,8 +27,8 @@ def views_for(manifest, names=("weak", "strong")):
     return {n: views[n] for n in names}
 
 
-def stream(manifest, rank=0, world=1, workers=0, batch=8, state=None, seed=7):
-    return TrainStream(manifest, batch, views_for(manifest), rank, world, workers, seed, shuffle_buffer=64, state=state)
+def stream(manifest, rank=0, world=1, workers=0, batch=8, state=None, seed=7, names=("weak", "strong"), **kwargs):
+    return TrainStream(manifest, batch, views_for(manifest, names), rank, world, workers, seed, shuffle_buffer=64, state=state, **kwargs)
 
 
 def take(stream_, batches, n):
@@ -36,6 +47,26 @@ def same(a, b):
         assert torch.equal(x["truth"], y["truth"])
 
 
+def epoch_keys(batches):
+    return [(e, k) for b in batches for e, k in zip(b["epoch"].tolist(), b["keys"])]
+
+
+def assert_each_epoch_exactly_once(records, manifest, complete_epochs):
+    by_epoch = defaultdict(Counter)
+    for epoch, key in records:
+        by_epoch[epoch][key] += 1
+    for epoch, keys in by_epoch.items():
+        assert max(keys.values()) == 1, f"epoch {epoch} repeats {[k for k, n in keys.items() if n > 1][:5]}"
+    for epoch in range(complete_epochs):
+        assert len(by_epoch[epoch]) == manifest.num_samples, f"epoch {epoch} misses {manifest.num_samples - len(by_epoch[epoch])} samples"
+
+
+@pytest.fixture
+def shards(digits_shards, tmp_path):
+    """A copy of the digits shards that a test may damage."""
+    return shutil.copytree(digits_shards, tmp_path / "digits")
+
+
 @pytest.mark.parametrize("split, world, workers", [("unlabeled", 3, 2), ("labeled", 3, 2), ("unlabeled", 1, 1), ("test", 2, 4)])
 def test_a_data_epoch_reads_every_sample_exactly_once(digits_shards, split, world, workers):
     manifest = load_manifest(digits_shards / split)
@@ -43,16 +74,16 @@ def test_a_data_epoch_reads_every_sample_exactly_once(digits_shards, split, worl
     for rank in range(world):
         s = stream(manifest, rank, world, workers)
         for consumer in range(rank * s.slots, (rank + 1) * s.slots):
-            for unit in s.plan(consumer, epoch=0):
-                seen.update(raw["__key__"] for _, raw in unit_samples(manifest, unit, s.seed, 0, s.shuffle_buffer))
+            for work in s.plan(consumer, epoch=0):
+                seen.update(raw["__key__"] for _, raw in unit_samples(manifest, work.unit, s.seed, 0, s.shuffle_buffer))
     assert sum(seen.values()) == manifest.num_samples and max(seen.values()) == 1
 
 
 def test_epochs_reshuffle(digits_shards):
     manifest = load_manifest(digits_shards / "unlabeled")
     s = stream(manifest)
-    first = [raw["__key__"] for unit in s.plan(0, 0) for _, raw in unit_samples(manifest, unit, s.seed, 0, 64)]
-    second = [raw["__key__"] for unit in s.plan(0, 1) for _, raw in unit_samples(manifest, unit, s.seed, 1, 64)]
+    first = [raw["__key__"] for w in s.plan(0, 0) for _, raw in unit_samples(manifest, w.unit, s.seed, 0, 64)]
+    second = [raw["__key__"] for w in s.plan(0, 1) for _, raw in unit_samples(manifest, w.unit, s.seed, 1, 64)]
     assert sorted(first) == sorted(second) and first != second
 
 
@@ -103,11 +134,40 @@ def test_views_are_random_per_sample(digits_shards):
     assert batch["inputs"]["weak"].dtype == torch.float32 and batch["inputs"]["weak"].shape == (50, 1, 8, 8)
 
 
-def test_resuming_on_another_layout_is_refused(digits_shards):
+def run_ranks(manifest, world, workers, batch, steps, states=None):
+    """`world` ranks in lockstep (as under DDP), each consuming `steps` batches; returns records and states."""
+    records, streams = [], []
+    for rank in range(world):
+        s = stream(manifest, rank, world, workers, batch=batch, state=states, names=("plain",))
+        records += epoch_keys(take(s, iter(loader(s, workers)), steps))
+        streams.append(s)
+    return records, [s.state_dict() for s in streams]
+
+
+@pytest.mark.parametrize("uneven, before, after, complete", [
+    (False, (2, 2, 10, 25), (3, 0, 10, 90), 2),  # (world, workers, batch per rank, steps)
+    (True, (3, 0, 30, 30), (2, 2, 10, 300), 4),  # shards of 1..601 samples: readers are epochs apart when it stops
+])
+def test_resuming_on_another_layout_continues_every_epoch_exactly_once(digits_shards, tmp_path, uneven, before, after, complete):
+    split = digits_shards / "unlabeled"
+    if uneven:
+        split = shutil.copytree(split, tmp_path / "unlabeled")
+        repack(split, [1, 2, 600, 3, 601])
+    manifest = load_manifest(split)
+    first, states = run_ranks(manifest, *before)
+    if uneven:
+        assert len({phase for s in states for phase, _, _ in s["positions"].values()}) == 3
+    second, _ = run_ranks(manifest, *after, states=states)
+    assert_each_epoch_exactly_once(first + second, manifest, complete_epochs=complete)
+
+
+def test_one_ranks_state_cannot_resume_another_layout(digits_shards):
     manifest = load_manifest(digits_shards / "unlabeled")
     state = stream(manifest, rank=0, world=2).state_dict()
-    with pytest.raises(UserError, match="it was read by 2 ranks x 1 workers, this run has 1 x 1"):
+    with pytest.raises(UserError, match="from one rank's state: it was read by 2 ranks x 1 workers, this run has 1 x 1"):
         stream(manifest, world=1, state=state)
+    with pytest.raises(UserError, match="needs the states of all 2 ranks that saved it, 1 given"):
+        stream(manifest, world=1, state=[state])
 
 
 def test_too_few_samples_for_the_consumers(digits_shards):
@@ -126,3 +186,183 @@ def test_eval_stream_is_exactly_once(digits_shards, split, world, workers):
         for batch in loader(s, min(workers, len(s.my_units()))):
             seen.update(batch["keys"])
     assert sum(seen.values()) == manifest.num_samples and max(seen.values()) == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# kill and resume
+
+
+STREAM_SCRIPT = """
+import json, os, sys
+from dist_ssl.data.shards import load_manifest
+from dist_ssl.data.streams import TrainStream, loader
+from tests.data.test_streams import views_for
+
+split, state_path, log_path, total = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+manifest = load_manifest(split)
+state = json.load(open(state_path)) if os.path.exists(state_path) else None
+stream = TrainStream(manifest, 16, views_for(manifest, ("plain",)), 0, 1, 2, 7, 64, state=state)
+batches = iter(loader(stream, 2))
+while stream.batches < total:
+    batch = stream.observe(next(batches))
+    with open(log_path, "a") as log:
+        log.write(json.dumps([batch["epoch"].tolist(), batch["keys"]]) + "\\n")
+    with open(state_path + ".tmp", "w") as handle:
+        json.dump(stream.state_dict(), handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(state_path + ".tmp", state_path)
+"""
+
+
+def run_stream(split, state, log, total, **popen):
+    command = [sys.executable, "-c", STREAM_SCRIPT, str(split), str(state), str(log), str(total)]
+    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def read_log(log, batches=None):
+    lines = log.read_text().splitlines()[:batches]
+    return [(e, k) for line in lines for e, k in zip(*json.loads(line))]
+
+
+@pytest.mark.slow
+def test_a_killed_stream_resumes_with_no_sample_missing_or_repeated(digits_shards, tmp_path):
+    from tests.test_distributed import kill_tree
+
+    split, total = digits_shards / "unlabeled", 160  # 2,560 samples: two data epochs and a bit
+    reference = run_stream(split, tmp_path / "ref.json", tmp_path / "ref.log", total)
+    assert reference.wait(timeout=300) == 0, reference.stdout.read()
+
+    victim = run_stream(split, tmp_path / "state.json", tmp_path / "run.log", total)
+    deadline = time.time() + 300
+    while time.time() < deadline and (not (tmp_path / "run.log").exists() or len((tmp_path / "run.log").read_text().splitlines()) < 50):
+        time.sleep(0.02)
+    kill_tree(victim.pid)  # SIGKILL, DataLoader workers included, mid-epoch
+    victim.wait()
+    saved = json.loads((tmp_path / "state.json").read_text())["batches"]
+    assert 50 <= saved < total
+    lines = (tmp_path / "run.log").read_text().splitlines()[:saved]  # a batch logged but not yet saved is read again
+    (tmp_path / "run.log").write_text("".join(line + "\n" for line in lines))
+    resumed = run_stream(split, tmp_path / "state.json", tmp_path / "run.log", total)
+    assert resumed.wait(timeout=300) == 0, resumed.stdout.read()
+
+    assert read_log(tmp_path / "run.log") == read_log(tmp_path / "ref.log")
+    assert_each_epoch_exactly_once(read_log(tmp_path / "run.log"), load_manifest(split), complete_epochs=2)
+
+
+# ----------------------------------------------------------------------------------------------
+# bad data
+
+
+def test_a_corrupt_sample_is_skipped_counted_and_the_batch_still_full(shards, capfd):
+    rewrite_shard(shards / "unlabeled", 2, lambda samples: [corrupt_png(s) if i == 5 else s for i, s in enumerate(samples)])
+    manifest = load_manifest(shards / "unlabeled")
+    s = stream(manifest, batch=50, max_bad_fraction=0.01)
+    batches = take(s, iter(s), 25)  # 1,250 samples: a whole data epoch
+    assert all(len(b["keys"]) == 50 for b in batches)
+    assert s.corrupt_samples == s.samples_read - 1250 >= 1  # once per data epoch that reached it
+    assert_each_epoch_exactly_once(epoch_keys(batches), manifest, complete_epochs=0)
+    assert len({k for e, k in epoch_keys(batches) if e == 0}) == manifest.num_samples - 1
+    assert "dist-ssl: warning: skipped corrupt sample" in capfd.readouterr().err
+    resumed = stream(manifest, batch=50, state=s.state_dict())
+    assert resumed.corrupt_samples == 1  # counts survive a resume
+
+
+def test_too_many_corrupt_samples_fail_naming_the_split(shards):
+    rewrite_shard(shards / "labeled", 0, lambda samples: [corrupt_png(s) if i % 5 == 0 else s for i, s in enumerate(samples)])
+    manifest = load_manifest(shards / "labeled")
+    with pytest.raises(DataError, match=r"\d+ of \d+ samples read from .*labeled were corrupt, more than data.max_bad_fraction=0.05 allows"):
+        list(islice(stream(manifest, batch=10, max_bad_fraction=0.05), 10))
+    with pytest.raises(DataError, match="1 of .* more than data.max_bad_fraction=0.0 allows"):
+        list(islice(stream(manifest, batch=10, max_bad_fraction=0.0), 10))
+
+
+def test_an_error_in_a_dataloader_worker_is_one_line_naming_the_shard(shards):
+    rewrite_shard(shards / "labeled", 0, lambda samples: [dict(s, cls=b"12") if i == 3 else s for i, s in enumerate(samples)])
+    manifest = load_manifest(shards / "labeled")
+    s = stream(manifest, workers=2, batch=5)
+    with pytest.raises(DataError) as caught:
+        take(s, iter(loader(s, 2)), 20)
+    message = str(caught.value)
+    assert "\n" not in message and caught.value.rank_local
+    assert message.startswith(f"shard {shards / 'labeled' / 'labeled-000000.tar'}: sample ") and "has label 12, outside 0..9" in message
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("flip", r"does not match its manifest: sha256 \w+\.\.\., the manifest says"),
+    ("truncate", r"is truncated or corrupt after \d+ samples"),
+    ("count", "does not match its manifest: 100 samples, the manifest says 99"),
+    ("missing", r"shard .*test-000003.tar is missing"),
+])
+def test_a_damaged_shard_is_one_clear_error_naming_it(shards, damage, message):
+    path = shards / "test" / "test-000003.tar"
+    data = bytearray(path.read_bytes())
+    manifest_path = shards / "test" / "manifest.json"
+    with tarfile.open(path) as tar:
+        member = tar.getmembers()[101]
+    if damage == "flip":  # in the zero padding after a member: the tar still parses and every sample decodes
+        data[member.offset_data + member.size + 1] ^= 0xFF
+        path.write_bytes(data)
+    elif damage == "truncate":  # inside a member's data
+        path.write_bytes(data[: member.offset_data + member.size // 2])
+    elif damage == "count":
+        manifest = json.loads(manifest_path.read_text())
+        manifest["shards"][3]["num_samples"] = 99
+        manifest["num_samples"] -= 1
+        manifest_path.write_text(json.dumps(manifest))
+    else:
+        path.unlink()
+    manifest = load_manifest(shards / "test")
+    view = views_for(manifest, ("plain",))["plain"]
+    with pytest.raises(UserError, match=message) as caught:
+        for _ in loader(EvalStream(manifest, 32, view, 0, 1), 2):
+            pass
+    assert str(path) in str(caught.value) and "\n" not in str(caught.value)
+
+
+# ----------------------------------------------------------------------------------------------
+# URLs
+
+
+@pytest.fixture
+def http_server(digits_shards):
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(digits_shards))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+
+
+def remote_split(digits_shards, tmp_path, split, url_of):
+    """A split folder holding only a manifest whose shard URLs point elsewhere."""
+    manifest = json.loads((digits_shards / split / "manifest.json").read_text())
+    for shard in manifest["shards"]:
+        shard["url"] = url_of(split, shard["url"])
+    (tmp_path / split).mkdir()
+    (tmp_path / split / "manifest.json").write_text(json.dumps(manifest))
+    return load_manifest(tmp_path / split)
+
+
+@pytest.mark.parametrize("scheme", ["http", "pipe"])
+def test_shards_stream_from_http_and_pipe_urls(digits_shards, tmp_path, http_server, scheme):
+    url_of = {"http": lambda split, name: f"{http_server}/{split}/{name}",
+              "pipe": lambda split, name: f"pipe:cat {digits_shards / split / name}"}[scheme]
+    local = load_manifest(digits_shards / "unlabeled")
+    remote = remote_split(digits_shards, tmp_path, "unlabeled", url_of)
+    a, b = stream(local, workers=2, batch=17), stream(remote, workers=2, batch=17)
+    same(take(b, iter(loader(b, 2)), 80), take(a, iter(loader(a, 2)), 80))  # 1,360 samples: past a data epoch
+    test = remote_split(digits_shards, tmp_path, "test", url_of)
+    view = views_for(test, ("plain",))["plain"]
+    assert sum(len(batch["keys"]) for batch in loader(EvalStream(test, 64, view, 0, 1), 2)) == test.num_samples
+
+
+@pytest.mark.parametrize("scheme", ["http", "pipe"])
+def test_an_unreachable_url_names_the_shard_and_the_exit_status(digits_shards, tmp_path, http_server, scheme):
+    url = {"http": f"{http_server}/test/no-such-shard.tar", "pipe": f"pipe:cat {tmp_path / 'no-such-shard.tar'}"}[scheme]
+    test = remote_split(digits_shards, tmp_path, "test", lambda split, name: url if name.endswith("02.tar") else f"{http_server}/{split}/{name}")
+    view = views_for(test, ("plain",))["plain"]
+    status = {"http": 22, "pipe": 1}[scheme]  # curl -f on a 404; cat on a missing file
+    with pytest.raises(DataError, match=f"shard {url} could not be read: its reader exited with status {status}"):
+        for _ in loader(EvalStream(test, 64, view, 0, 1), 0):
+            pass

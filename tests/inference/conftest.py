@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from dist_ssl.data.shards import FORMAT, load_manifest, sha256_file
-from dist_ssl.data.streams import raw_samples
+from dist_ssl.data.shards import raw_samples
 
 UNEVEN = [3, 400, 1, 250, 5, 348, 200]  # 7 shards, 1,207 samples: the digits unlabeled split
 

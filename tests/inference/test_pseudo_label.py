@@ -3,6 +3,7 @@ shard with another process count, and one clear error for every bad input."""
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import subprocess
@@ -13,7 +14,7 @@ import pytest
 
 from dist_ssl.config import InferenceConfig
 from dist_ssl.data.shards import load_manifest
-from dist_ssl.data.streams import raw_samples
+from dist_ssl.data.shards import raw_samples
 from dist_ssl.errors import UserError
 from dist_ssl.inference.jobs import contiguous_blocks
 from dist_ssl.inference.pseudo_label import key_hashes, load_predictions_manifest, pseudo_label, read_predictions
@@ -175,7 +176,7 @@ def test_a_shard_shorter_than_its_manifest_says(teacher8, digits_shards, tmp_pat
         manifest["num_samples"] += 1
 
     pool = pool_with(digits_shards / "unlabeled", tmp_path, grow)
-    with pytest.raises(UserError, match=r"unlabeled-000002.tar has 100 samples, its manifest says 101"):
+    with pytest.raises(UserError, match=r"unlabeled-000002.tar does not match its manifest: 100 samples, the manifest says 101"):
         pseudo_label(teacher8, pool, tmp_path / "out", FAST)
     assert not (tmp_path / "out" / "manifest.json").exists()
 
@@ -198,7 +199,7 @@ def test_a_truncated_shard_is_one_error_naming_it(teacher8, digits_shards, tmp_p
         tar.write_bytes(tar.read_bytes()[:5000])
 
     pool = pool_with(digits_shards / "unlabeled", tmp_path, truncate)
-    with pytest.raises(UserError, match=r"cannot read .*unlabeled-000001.tar after \d+ samples"):
+    with pytest.raises(UserError, match=r"unlabeled-000001.tar is truncated or corrupt after \d+ samples"):
         pseudo_label(teacher8, pool, tmp_path / "out", FAST)
 
 
@@ -228,3 +229,37 @@ def test_bf16_autocast_labels_like_fp32(teacher8, digits_shards, tmp_path):
     assert agree > 0.9, agree  # bf16 rounds logits: near-ties may flip, most labels may not
     with pytest.raises(UserError, match=r"holds pseudo-labels of another job \(precision is 'bf16' there, 'fp32' here\)"):
         pseudo_label(teacher8, digits_shards / "unlabeled", bf16, FAST)
+
+
+def test_a_corrupt_sample_is_skipped_listed_and_selection_still_finds_the_right_images(teacher8, digits_shards, tmp_path):
+    import tarfile
+
+    from dist_ssl.config import SelectConfig
+    from dist_ssl.data.shards import sha256_file
+    from dist_ssl.inference.select import select
+
+    victim = {}
+
+    def corrupt_one(copy, manifest):
+        entry = manifest["shards"][3]
+        path = copy / entry["url"]
+        with tarfile.open(path) as src:
+            members = [(m, src.extractfile(m).read()) for m in src.getmembers()]
+        with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as dst:
+            for member, data in members:
+                if member.name.endswith(".png") and not victim:  # the shard's first image no longer decodes
+                    victim["key"] = member.name.split(".")[0]
+                    data = b"not a png" + data[9:]
+                dst.addfile(member, io.BytesIO(data))
+        entry["sha256"], entry["bytes"] = sha256_file(path), path.stat().st_size
+
+    pool = pool_with(digits_shards / "unlabeled", tmp_path, corrupt_one)
+    manifest = pseudo_label(teacher8, pool, tmp_path / "labels", FAST)
+    assert manifest["corrupt_samples"] == 1 and manifest["num_samples"] == load_manifest(pool).num_samples - 1
+    shard = read_predictions(tmp_path / "labels" / "predictions-000003.npz")
+    assert [k.decode() for k in shard.skipped] == [victim["key"]] and victim["key"] not in labels_of(tmp_path / "labels")
+    assert shard.positions[0] == 1  # rows after the corrupt sample keep their place in the shard
+    everything = select(tmp_path / "labels", tmp_path / "all", SelectConfig(policy="all"))
+    assert everything["num_samples"] == manifest["num_samples"]  # every key matched the image at its position
+    with pytest.raises(UserError, match=r"were corrupt, more than data.max_bad_fraction=0.0 allows"):
+        pseudo_label(teacher8, pool, tmp_path / "strict", InferenceConfig(batch_size=32, workers=0, max_bad_fraction=0.0))
