@@ -47,52 +47,38 @@ ALLOCATOR = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
 # the pool
 
 
-def fashion_mnist_pool(out: Path, samples: int, shards: int) -> None:
+def write_pool(out: Path, items, count: int, shards: int, header: dict) -> None:
     from dist_ssl.data.shards import FORMAT, write_split
-    from dist_ssl.data.sources import fashion_mnist
 
-    source = fashion_mnist()
-    count = min(samples, source.train.size)
-    header = {
-        "format": FORMAT, "source": "fashion-mnist", "num_classes": 10, "class_names": source.class_names,
-        "input": {"kind": "image", "encoding": "png", "shape": [28, 28, 1]}, "protocol": {"benchmark": True},
-        "mean": [0.286], "std": [0.353],
-    }
-    items = ((f"train-{i:08d}", source.train.read(i), None, int(source.train.labels[i])) for i in range(count))
+    header = dict(header, format=FORMAT, protocol={"benchmark": True})
     write_split(items, out, "unlabeled", -(-count // shards), header)
+
+
+def fashion_mnist_pool(out: Path, samples: int, shards: int) -> None:
+    from dist_ssl.data.sources import load_source
+
+    source = load_source("fashion-mnist")
+    count = min(samples, source.train.size)
+    items = ((f"train-{i:08d}", source.train.read(i), None, int(source.train.labels[i])) for i in range(count))
+    write_pool(out, items, count, shards, {"source": "fashion-mnist", "num_classes": 10, "class_names": source.class_names,
+                                          "input": {"kind": "image", "encoding": "png", "shape": [28, 28, 1]},
+                                          "mean": [0.286], "std": [0.353]})
 
 
 def synthetic_pool(out: Path, samples: int, shards: int, size: int, classes: int) -> None:
     """Smooth random RGB images as JPEG (quality 90), the encoding of real web-scale pools."""
-    import webdataset as wds
     from PIL import Image
 
-    from dist_ssl.data.shards import FORMAT, sha256_file
-
     rng = np.random.default_rng(0)
-    out.mkdir(parents=True)
-    per_shard = -(-samples // shards)
-    entries = []
-    for shard in range(shards):
-        path = out / f"synthetic-{shard:06d}.tar"
-        count = min(per_shard, samples - shard * per_shard)
-        with wds.TarWriter(str(path), encoder=False, mtime=0) as writer:
-            for i in range(count):
-                low = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
-                image = Image.fromarray(low).resize((size, size), Image.BILINEAR)
-                buffer = io.BytesIO()
-                image.save(buffer, format="JPEG", quality=90)
-                writer.write({"__key__": f"synthetic-{shard * per_shard + i:09d}", "jpg": buffer.getvalue(),
-                              "truth.cls": str(int(rng.integers(classes))).encode()})
-        entries.append({"url": path.name, "num_samples": count, "bytes": path.stat().st_size, "sha256": sha256_file(path),
-                        "class_histogram": [0] * classes})
-    manifest = {
-        "format": FORMAT, "source": "synthetic", "num_classes": classes, "class_names": [str(c) for c in range(classes)],
-        "input": {"kind": "image", "encoding": "jpg", "shape": [size, size, 3]}, "protocol": {"benchmark": True},
-        "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "split": "unlabeled", "num_samples": samples,
-        "class_histogram": None, "truth_histogram": None, "shards": entries,
-    }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+
+    def items():
+        for i in range(samples):
+            low = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+            yield f"synthetic-{i:09d}", np.asarray(low.resize((size, size), Image.BILINEAR)), None, int(rng.integers(classes))
+
+    write_pool(out, items(), samples, shards, {"source": "synthetic", "num_classes": classes, "class_names": [str(c) for c in range(classes)],
+                                              "input": {"kind": "image", "encoding": "jpg", "quality": 90, "shape": [size, size, 3]},
+                                              "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]})
 
 
 # ----------------------------------------------------------------------------------------------
