@@ -1,4 +1,4 @@
-"""`dist-ssl` command line: shards, train, evaluate, demo.
+"""`dist-ssl` command line: shards, train, evaluate, pseudo-label, select, pipeline, demo.
 
 Every user error ends as one line on stderr (`dist-ssl: error: ...`) and exit code 2. A training run
 stopped by SIGTERM/SIGUSR1 commits a checkpoint and exits with 75: run the same command to resume.
@@ -94,6 +94,60 @@ def _evaluate(args) -> int:
     return 0
 
 
+def _pseudo_label(args) -> int:
+    from dist_ssl.config import InferenceConfig
+    from dist_ssl.inference.pseudo_label import pseudo_label
+
+    cfg = InferenceConfig(top_p=args.top_p, batch_size=args.batch_size, workers=args.workers, weights=args.weights, precision=args.precision,
+                          max_bad_fraction=args.max_bad_fraction)
+    pseudo_label(args.checkpoint, args.shards, args.out, cfg)
+    return 0
+
+
+def _select(args) -> int:
+    from dist_ssl.config import SelectConfig
+    from dist_ssl.inference.select import select
+
+    cfg = SelectConfig(policy=args.policy, top_k=args.top_k, threshold=args.threshold, sample_rate=args.sample_rate,
+                       soft=args.soft, maxcount=args.maxcount)
+    select(args.predictions, args.out, cfg, args.include_labeled)
+    return 0
+
+
+def _pipeline(args) -> int:
+    from dist_ssl.config import load_pipeline_config
+    from dist_ssl.pipeline import run_pipeline
+
+    run_pipeline(load_pipeline_config(args.config, args.overrides))
+    return 0
+
+
+def _at_least(low: int | float, kind=int):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expects {kind.__name__}; got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}; got {value}")
+        return value
+
+    return parse
+
+
+def _fraction(low_open: bool):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expects a number; got {text!r}") from None
+        if not (0 < value <= 1 if low_open else 0 <= value <= 1):
+            raise argparse.ArgumentTypeError(f"must be in {'(0' if low_open else '[0'}, 1]; got {value}")
+        return value
+
+    return parse
+
+
 def _demo(args) -> int:
     from dist_ssl.demo import run_demo
 
@@ -143,6 +197,37 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--weights", choices=("auto", "ema", "raw"), default="auto")
     evaluate.add_argument("--json", action="store_true", help="also print the result as JSON")
     evaluate.set_defaults(func=_evaluate)
+
+    label = commands.add_parser("pseudo-label", help="predict every sample of a pool once (also under `accelerate launch`)")
+    label.add_argument("checkpoint", help="step-N folder, or a run folder (its newest committed checkpoint)")
+    label.add_argument("--shards", required=True, help="the pool: an unlabeled split folder (or a dataset folder: its unlabeled/)")
+    label.add_argument("--out", required=True, help="folder of the predictions; rerun the same command to resume it")
+    label.add_argument("--top-p", type=_at_least(1), default=10, help="classes kept per sample, with probabilities (10)")
+    label.add_argument("--batch-size", type=_at_least(1), default=256, help="per process (256)")
+    label.add_argument("--workers", type=_at_least(0), default=2, help="decoding processes per rank (2)")
+    label.add_argument("--weights", choices=("auto", "ema", "raw"), default="auto")
+    label.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                       help="auto: bf16 on GPUs (fp16 where bf16 is missing), fp32 on CPU")
+    label.add_argument("--max-bad-fraction", type=float, default=0.01,
+                       help="corrupt samples are skipped and listed; a reader fails past this fraction (0.01)")
+    label.set_defaults(func=_pseudo_label)
+
+    choose = commands.add_parser("select", help="pseudo-labeled samples -> a labeled split that `train` reads (data.labeled=DIR)")
+    choose.add_argument("predictions", help="a folder written by `dist-ssl pseudo-label`")
+    choose.add_argument("--out", required=True, help="the split folder to write; rerun the same command to resume it")
+    choose.add_argument("--policy", choices=("top_k", "threshold", "sample_rate", "all"), default="top_k")
+    choose.add_argument("--top-k", type=_at_least(1), default=16000, help="top_k: samples per class (16000)")
+    choose.add_argument("--threshold", type=_fraction(low_open=False), default=0.95, help="threshold: minimum top-1 probability (0.95)")
+    choose.add_argument("--sample-rate", type=_fraction(low_open=True), default=0.1, help="sample_rate: fraction of each predicted class kept (0.1)")
+    choose.add_argument("--soft", action="store_true", help="keep the class probabilities as soft targets")
+    choose.add_argument("--include-labeled", metavar="SPLIT", help="also copy this labeled split in (self-training)")
+    choose.add_argument("--maxcount", type=_at_least(1), default=10000, help="samples per written shard (10000)")
+    choose.set_defaults(func=_select)
+
+    pipe = commands.add_parser("pipeline", help="teacher -> pseudo-labels -> top-K -> student -> fine-tune (resumable)")
+    pipe.add_argument("config", help="pipeline YAML (see configs/pipelines/)")
+    pipe.add_argument("overrides", nargs="*", help="key=value overrides, e.g. teacher.train.epochs=5")
+    pipe.set_defaults(func=_pipeline)
 
     demo = commands.add_parser("demo", help="digits, 5 labels per class: supervised vs pseudo_label vs fixmatch")
     demo.add_argument("--out", help="runs go to OUT/<method> (default: runs/demo-<date-time>)")

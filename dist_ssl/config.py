@@ -288,6 +288,85 @@ def role_wait_steps(cfg: Config, role: str) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
+# pseudo-labeling, selection and the teacher -> student pipeline
+
+
+@dataclass
+class InferenceConfig:
+    """`dist-ssl pseudo-label`: a checkpoint predicts every sample of a pool exactly once."""
+
+    top_p: int = 10  # classes kept per sample, with their probabilities (billion-scale: P = 10)
+    batch_size: int = 256  # per process
+    workers: int = 2  # decoding processes per rank
+    weights: Literal["auto", "ema", "raw"] = "auto"  # auto: the EMA when the checkpoint has one
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPUs (fp16 without bf16), fp32 on CPU
+    max_bad_fraction: float = 0.01  # corrupt samples are skipped (and listed); a reader fails past this fraction
+
+    def __post_init__(self):
+        _check(self.top_p >= 1, "pseudo_label.top_p", "must be >= 1")
+        _check(0 <= self.max_bad_fraction < 1, "pseudo_label.max_bad_fraction", "must be in [0, 1)")
+        _check(self.batch_size >= 1, "pseudo_label.batch_size", "must be >= 1")
+        _check(self.workers >= 0, "pseudo_label.workers", "must be >= 0")
+
+
+@dataclass
+class SelectConfig:
+    """Which pseudo-labeled samples become training data, and with which targets."""
+
+    # top_k: per class, the K samples with the highest probability of that class among their top-P
+    #   (billion-scale; a sample may be picked for more than one class);
+    # threshold: samples whose top-1 probability is >= threshold; all: every sample (top-1 label);
+    # sample_rate: the most confident sample_rate fraction of each predicted class (seed 001); in
+    #   pipeline round r the fraction is r * sample_rate, so the set grows every round.
+    policy: Literal["top_k", "threshold", "sample_rate", "all"] = "top_k"
+    top_k: int = 16000  # K (16k per class on ImageNet in the paper)
+    threshold: float = 0.95
+    sample_rate: float = 0.1
+    soft: bool = False  # keep the (top-P) class probabilities as the training target, not only the label
+    include_labeled: bool = False  # pipeline: also copy the labeled split in (self-training rounds)
+    maxcount: int = 10000  # samples per written shard
+
+    def __post_init__(self):
+        _check(self.top_k >= 1, "select.top_k", "must be >= 1")
+        _check(0 <= self.threshold <= 1, "select.threshold", "must be in [0, 1]")
+        _check(0 < self.sample_rate <= 1, "select.sample_rate", "must be in (0, 1]")
+        _check(self.maxcount >= 1, "select.maxcount", "must be >= 1")
+
+
+@dataclass
+class PipelineConfig:
+    """`dist-ssl pipeline`: teacher on the labels -> pseudo-label the pool -> select -> pretrain the
+    student on the selection -> fine-tune it on the labels; `rounds` > 1 repeats it with each round's
+    final model as the next teacher. Each stage is an ordinary run in its own folder under
+    `output_dir`; the pipeline sets the stages' `train.output_dir`, `data.shards`, the student's
+    `data.labeled` and the fine-tune's `train.init_from`."""
+
+    output_dir: str = "runs/pipeline"
+    shards: str = ""  # dataset folder written by `dist-ssl shards write`
+    rounds: int = 1
+    finetune_on_labels: bool = True  # stage 5; off for plain self-training rounds (seeds 000, 001)
+    teacher: Config = field(default_factory=Config)
+    pseudo_label: InferenceConfig = field(default_factory=InferenceConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
+    student: Config = field(default_factory=Config)
+    finetune: Config = field(default_factory=Config)
+
+    def __post_init__(self):
+        _check(self.rounds >= 1, "rounds", "must be >= 1")
+        stages = {"teacher": self.teacher, "student": self.student, "finetune": self.finetune}
+        for name, stage in stages.items():
+            _check(stage.train.output_dir == TrainConfig.output_dir, f"{name}.train.output_dir",
+                   "is set by the pipeline (stage folders live under output_dir); remove it")
+            _check(stage.data.shards in ("", self.shards), f"{name}.data.shards", "is set by the pipeline from 'shards'; remove it")
+            _check(not stage.train.init_from, f"{name}.train.init_from", "is set by the pipeline; remove it")
+        _check(self.student.data.labeled == DataConfig.labeled, "student.data.labeled",
+               "is set by the pipeline (the selected pseudo-labels); remove it")
+        precisions = {stage.train.mixed_precision for stage in stages.values()}
+        _check(len(precisions) == 1, "student.train.mixed_precision",
+               f"must equal the teacher's and finetune's (accelerate fixes it once per process); got {sorted(precisions)}")
+
+
+# ----------------------------------------------------------------------------------------------
 # loading
 
 
@@ -309,8 +388,8 @@ def valid_keys(cls: type = Config, prefix: str = "") -> list[str]:
     return keys
 
 
-def _unknown_key(key: str, prefix: str) -> UserError:
-    everything = valid_keys(Config)
+def _unknown_key(key: str, prefix: str, root: type = Config) -> UserError:
+    everything = valid_keys(root)
     candidates = difflib.get_close_matches(prefix + key, everything, n=1, cutoff=0.5)
     if not candidates:  # a misspelt section: compare the last part with every leaf's last part
         tail = {k.rsplit(".", 1)[-1]: k for k in everything}
@@ -367,34 +446,47 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"unsupported config field type {tp!r} for {key}")
 
 
-def _build(cls: type, data: dict, prefix: str = "") -> Any:
+def _build(cls: type, data: dict, prefix: str = "", root: type = Config) -> Any:
     if not isinstance(data, dict):
         raise UserError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping; got {data!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:
         if key not in names:
-            raise _unknown_key(str(key), prefix)
+            raise _unknown_key(str(key), prefix, root)
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in data:
             continue
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
-            kwargs[f.name] = _build(tp, data[f.name] if data[f.name] is not None else {}, prefix + f.name + ".")
+            section = prefix + f.name + "."
+            try:
+                kwargs[f.name] = _build(tp, data[f.name] if data[f.name] is not None else {}, section, root)
+            except UserError as exc:
+                raise _within(exc, section) if tp is Config else exc from None
         else:
             kwargs[f.name] = _coerce(data[f.name], tp, prefix + f.name)
     return cls(**kwargs)
 
 
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+def _within(exc: UserError, section: str) -> UserError:
+    """A check of a Config nested in a bigger tree (a pipeline stage) names its key from the top."""
+    head = "config key '"
+    message = str(exc)
+    if message.startswith(head) and not message.startswith(head + section):
+        return UserError(head + section + message[len(head):])
+    return exc
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any, root: type = Config) -> None:
     parts = dotted.split(".")
     node = tree
-    cls: type = Config
+    cls: type = root
     for i, part in enumerate(parts):
         hints = typing.get_type_hints(cls)
         if part not in hints:
-            raise _unknown_key(".".join(parts[i:]), ".".join(parts[:i]) + "." if i else "")
+            raise _unknown_key(".".join(parts[i:]), ".".join(parts[:i]) + "." if i else "", root)
         if i == len(parts) - 1:
             if dataclasses.is_dataclass(hints[part]):
                 raise UserError(f"config key '{dotted}' is a section; set one of its keys, e.g. '{valid_keys(hints[part], dotted + '.')[0]}=...'")
@@ -410,6 +502,15 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """defaults < YAML at `path` < `key=value` overrides."""
+    return _load(Config, path, overrides)
+
+
+def load_pipeline_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """The same precedence for a pipeline, e.g. the override `student.model.name=mlp`."""
+    return _load(PipelineConfig, path, overrides)
+
+
+def _load(root: type, path: str | Path | None, overrides: list[str] | tuple[str, ...]) -> Any:
     tree: dict = {}
     if path is not None:
         path = Path(path)
@@ -426,8 +527,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise UserError(f"override '{item}' is not of the form key=value")
-        _set_dotted(tree, key.strip(), value)
-    return _build(Config, tree)
+        _set_dotted(tree, key.strip(), value, root)
+    return _build(root, tree, root=root)
 
 
 def to_dict(cfg: Any) -> dict:

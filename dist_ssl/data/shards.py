@@ -230,7 +230,7 @@ def _decode_image(data: bytes, channels: int):
 
 
 def decode_sample(raw: dict, channels: int) -> dict:
-    """Raw tar members -> {'key', 'input' (uint8 CHW, or float32 [D] when channels is 0), 'label', 'truth'}.
+    """Raw tar members -> {'key', 'input' (uint8 CHW, or float32 [D] when channels is 0), 'label', 'truth', 'soft'}.
 
     Only the formats we write are decoded; pickles and other executable formats are never touched.
     Raises ValueError (or the decoder's error) for a sample that does not decode.
@@ -238,7 +238,7 @@ def decode_sample(raw: dict, channels: int) -> dict:
     import torch
 
     key = raw.get("__key__", "?")
-    sample = {"key": key, "label": None, "truth": None}
+    sample = {"key": key, "label": None, "truth": None, "soft": None}
     for ext in IMAGE_EXTENSIONS:
         if ext in raw:
             sample["input"] = _decode_image(raw[ext], channels)
@@ -257,6 +257,8 @@ def decode_sample(raw: dict, channels: int) -> dict:
         sample["label"] = int(raw["cls"])
     if "truth.cls" in raw:
         sample["truth"] = int(raw["truth.cls"])
+    if "soft.npy" in raw:  # a soft pseudo-label: class probabilities (dist-ssl select --soft)
+        sample["soft"] = torch.from_numpy(np.asarray(np.load(io.BytesIO(raw["soft.npy"]), allow_pickle=False), np.float32))
     return sample
 
 

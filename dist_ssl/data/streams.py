@@ -130,6 +130,8 @@ class SampleChecker:
             value = sample[name]
             if value is not None and not 0 <= value < num_classes:
                 raise DataError(f"shard {url}: sample {key} has {name} {value}, outside 0..{num_classes - 1} ({num_classes} classes)")
+        if sample["soft"] is not None and tuple(sample["soft"].shape) != (num_classes,):
+            raise DataError(f"shard {url}: sample {key} has soft targets of shape {list(sample['soft'].shape)}, not [{num_classes}]")
         if self.labeled and sample["label"] is None:
             raise DataError(f"shard {url}: sample {key} of the {self.manifest.data.get('split')} split has no label")
         return sample
@@ -363,13 +365,19 @@ def collate(pending: list[tuple[int, int, int, dict]], views: dict, seed: int) -
                 outputs[name].append(view.per_sample(sample["input"]))
     finally:
         generator.set_state(saved)
-    return {
+    batch = {
         "inputs": {name: views[name].batch(torch.stack(values)) for name, values in outputs.items()},
         "label": torch.tensor([-1 if s["label"] is None else s["label"] for *_, s in pending], dtype=torch.long),
         "truth": torch.tensor([-1 if s["truth"] is None else s["truth"] for *_, s in pending], dtype=torch.long),
         "epoch": torch.tensor([epoch for epoch, *_ in pending], dtype=torch.long),
         "keys": [s["key"] for *_, s in pending],
     }
+    softs = [s["soft"] for *_, s in pending if s["soft"] is not None]
+    if softs:  # a split of soft pseudo-labels (dist-ssl select --soft): the class probabilities
+        if len(softs) != len(pending):
+            raise DataError("some samples of the batch carry soft targets (soft.npy) and others do not")
+        batch["soft"] = torch.stack(softs)
+    return batch
 
 
 class EvalStream(IterableDataset):

@@ -155,6 +155,20 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def network_weights(folder: Path, weights: str = "auto") -> tuple[dict, bool]:
+    """(state dict, is_ema) of the evaluated network of a committed checkpoint: its EMA when one was
+    saved and `weights` is 'auto' or 'ema', else the raw weights."""
+    meta = check_ours(folder)
+    models = load_file(folder / "model.pt")
+    role = meta["eval_role"]
+    use_ema = weights == "ema" or (weights == "auto" and role in models["emas"])
+    if use_ema and role not in models["emas"]:
+        raise UserError(f"checkpoint {folder} has no EMA weights; use --weights raw")
+    if use_ema:  # AveragedModel's state: 'module.'-prefixed weights plus n_averaged
+        return {k.removeprefix("module."): v for k, v in models["emas"][role].items() if k.startswith("module.")}, True
+    return models["nets"][role], False
+
+
 def load_file(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)

@@ -23,7 +23,7 @@ from dist_ssl.data.streams import TrainStream, loader, mix
 from dist_ssl.data.transforms import build_views
 from dist_ssl.engine import checkpoint, preemption
 from dist_ssl.engine.accelerator import make_accelerator
-from dist_ssl.engine.evaluate import evaluate, evaluated_weights
+from dist_ssl.engine.evaluate import evaluate
 from dist_ssl.engine.finetune import finetune_config
 from dist_ssl.engine.logging import RunLogger
 from dist_ssl.engine.optim import Stepper, build_optimizer, build_scheduler
@@ -100,6 +100,23 @@ def check_deepspeed(distributed_type, method: str, optimizers: list[str]) -> Non
         )
 
 
+def _init_from(nets: dict, path: str, cfg: Config, data: RunData) -> None:
+    """Start every network from the evaluated weights (EMA when saved) of another run's checkpoint,
+    refused with a clear error when it is another model or was trained for other classes or inputs."""
+    source = checkpoint.resolve(path)
+    meta = checkpoint.check_ours(source)
+    weights, _ = checkpoint.network_weights(source)
+    theirs = (meta["model"], meta["num_classes"], meta["input_shape"])
+    for role, net in nets.items():
+        ours = (role_model(cfg, role).name, data.labeled.num_classes, list(data.labeled.input_shape))
+        if theirs != ours:
+            raise UserError(
+                f"train.init_from={path}: that checkpoint holds {theirs[0]} for {theirs[1]} classes and inputs {theirs[2]}, "
+                f"this run trains {ours[0]} for {ours[1]} classes and inputs {ours[2]}"
+            )
+        net.load_state_dict(weights)
+
+
 def train(cfg: Config) -> dict:
     method_cls = get_method(cfg.method.name)
     data = load_run_data(cfg, method_cls)
@@ -137,8 +154,7 @@ def train(cfg: Config) -> dict:
     total = cfg.train.total_steps
     nets = {role: build_model(role_model(cfg, role), data.labeled.num_classes, data.labeled.input_shape) for role in method_cls.roles}
     if cfg.train.init_from and resume_from is None:
-        for role, net in nets.items():
-            net.load_state_dict(evaluated_weights(cfg.train.init_from, role_model(cfg, role).name, data.labeled.num_classes, list(data.labeled.input_shape)))
+        _init_from(nets, cfg.train.init_from, cfg, data)
     specs = method_cls.optimizer_specs(cfg)
     for name, spec in specs.items():
         if spec.wait_steps >= total:
@@ -245,7 +261,8 @@ def train(cfg: Config) -> dict:
     last_eval = None
     for step in range(start_step, total):
         labeled = labeled_stream.observe(next(labeled_batches))
-        batch = TrainBatch(labeled["inputs"][method_cls.labeled_view].to(device, non_blocking=True), labeled["label"].to(device, non_blocking=True))
+        target = labeled.get("soft", labeled["label"])  # class probabilities on a split of soft pseudo-labels
+        batch = TrainBatch(labeled["inputs"][method_cls.labeled_view].to(device, non_blocking=True), target.to(device, non_blocking=True))
         truth = None
         if unlabeled_batches is not None:
             unlabeled = unlabeled_stream.observe(next(unlabeled_batches))

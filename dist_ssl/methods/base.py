@@ -29,6 +29,8 @@ def _same_everywhere(tensor: torch.Tensor) -> torch.Tensor:
 @dataclass
 class TrainBatch:
     labeled_x: torch.Tensor
+    # class indices [B] (long), or class probabilities [B, C] (float) for a split of soft
+    # pseudo-labels; F.cross_entropy takes either, so a method's labeled loss needs no branch.
     labeled_y: torch.Tensor
     unlabeled: dict[str, torch.Tensor] = field(default_factory=dict)  # views by name; never the hidden truth
 

@@ -237,6 +237,7 @@ def test_a_killed_stream_resumes_with_no_sample_missing_or_repeated(digits_shard
     deadline = time.time() + 300
     # batch N is logged before its state is saved, so 51 logged lines mean at least 50 saved
     while time.time() < deadline and (not (tmp_path / "run.log").exists() or len((tmp_path / "run.log").read_text().splitlines()) < 51):
+        assert victim.poll() is None, victim.stdout.read()  # it must still be running: a crash fails here, with its output
         time.sleep(0.02)
     kill_tree(victim.pid)  # SIGKILL, DataLoader workers included, mid-epoch
     victim.wait()

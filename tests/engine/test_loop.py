@@ -104,3 +104,21 @@ def test_batch_must_split_over_ranks(digits_shards, tmp_path):
     cfg = tiny_config(digits_shards, tmp_path / "run", "fixmatch", "data.unlabeled_batch_ratio=0")
     with pytest.raises(UserError, match="needs unlabeled data"):
         train(cfg)
+
+
+def test_init_from_starts_every_network_from_another_runs_evaluated_weights(digits_shards, tmp_path):
+    train(tiny_config(digits_shards, tmp_path / "source", "supervised"))
+    evaluated, is_ema = checkpoint.network_weights(checkpoint.latest(tmp_path / "source" / "checkpoints"))
+    assert is_ema  # the digits configs keep an EMA: that is what was evaluated, so that is what starts the new run
+    # a step this small moves no parameter measurably: the new run's weights are where it started
+    train(tiny_config(digits_shards, tmp_path / "tuned", "supervised", f"train.init_from={tmp_path / 'source'}", "optim.lr=1e-12",
+                      "optim.momentum=0", "optim.weight_decay=0", "train.epochs=1", "train.steps_per_epoch=1"))
+    tuned = weights(tmp_path / "tuned")["nets"]["model"]
+    parameters = [name for name in evaluated if "running" not in name and "num_batches" not in name]
+    assert parameters
+    for name in parameters:
+        assert torch.allclose(tuned[name], evaluated[name], atol=1e-7), name
+
+    train(tiny_config(digits_shards, tmp_path / "mlp", "supervised", "model.name=mlp", "train.epochs=1", "train.steps_per_epoch=1"))
+    with pytest.raises(UserError, match=r"train.init_from=.*mlp: that checkpoint holds mlp for 10 classes .* this run trains small_cnn"):
+        train(tiny_config(digits_shards, tmp_path / "other", "supervised", f"train.init_from={tmp_path / 'mlp'}"))

@@ -51,8 +51,10 @@ def test_one_and_two_processes_take_the_same_steps(moons_shards, tmp_path, metho
         for role in one:
             for name, tensor in one[role].items():
                 assert torch.allclose(tensor, two[role][name], rtol=1e-5, atol=1e-6), (step, role, name)
-        baselines = [checkpoint.load_file(tmp_path / run / "checkpoints" / f"step-{step}" / "training.pt")["method"]["baseline"]
-                     for run in ("one", "two")]
+        # method state is saved per rank: both ranks of the two-process run must hold the same baseline
+        baselines = [checkpoint.load_file(tmp_path / run / "checkpoints" / f"step-{step}" / f"rank-{rank:05d}.pt")["method"]["baseline"]
+                     for run, rank in (("one", 0), ("two", 0), ("two", 1))]
+        assert baselines[1] == baselines[2]
         # a difference of two float32 losses summed in another order: equal to float32 resolution
         assert baselines[0] != 0.0 and baselines[0] == pytest.approx(baselines[1], rel=1e-3, abs=1e-7)
     # the run really had two ranks, and the steps really moved the networks

@@ -1,0 +1,132 @@
+"""What the sharded jobs (`pseudo-label`, `select`) share.
+
+A job writes numbered output files into its folder. Each file is written by one rank (tmp name,
+fsync, rename) and never recomputed once it exists, so a job resumes file by file, with any
+number of processes. Work is dealt as contiguous blocks of the files still to do, balanced by
+their sample counts; a rank may get nothing and simply waits at the final barrier (no collective
+runs while the ranks work, so nobody waits for a batch that never comes).
+
+Decisions that need one consistent view of the folder (what is finished, is the result complete)
+are taken by rank 0 and broadcast; a UserError there is raised on every rank, so no rank blocks
+on one that gave up. The folder's `manifest.json`, written last, is the only sign that a job is
+complete; `job.json`, written first, ties the folder to one job so that a rerun with other inputs
+cannot mix its files with the old ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable, Sequence, TypeVar
+
+import numpy as np
+
+from dist_ssl.errors import UserError
+
+T = TypeVar("T")
+MANIFEST = "manifest.json"
+JOB = "job.json"
+
+
+def contiguous_blocks(sizes: Sequence[int], parts: int) -> list[range]:
+    """Items 0..n-1 split into `parts` contiguous ranges of about equal total size (some may be empty).
+
+    An item goes to the part that holds the middle of its span on the cumulative size axis, so
+    the owner never decreases along the items and each part is one range.
+    """
+    sizes = np.asarray(sizes, dtype=np.float64)
+    n = len(sizes)
+    total = float(sizes.sum())
+    if total > 0:
+        middle = np.cumsum(sizes) - sizes / 2
+        owner = np.minimum((middle * parts / total).astype(np.int64), parts - 1)
+    else:
+        owner = np.arange(n, dtype=np.int64) * parts // max(n, 1)
+    bounds = np.searchsorted(owner, np.arange(parts + 1), side="left")
+    return [range(int(bounds[p]), int(bounds[p + 1])) for p in range(parts)]
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write: Callable) -> None:
+    """`write(handle)` into a tmp file next to `path`, fsync, rename into place, fsync the folder."""
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, data: dict) -> None:
+    atomic_write(path, lambda handle: handle.write(json.dumps(data, indent=1).encode()))
+
+
+def on_main(state, decide: Callable[[], T]) -> T:
+    """`decide()` on rank 0 only; every rank returns its result, or raises the error it raised."""
+    outcome: list = [None]
+    failure = None
+    if state.is_main_process:
+        try:
+            outcome = [("ok", decide())]
+        except UserError as exc:
+            outcome = [("error", str(exc))]
+        except BaseException as exc:  # a bug on rank 0: the others must not wait for it forever
+            outcome = [("crash", f"rank 0 failed with {type(exc).__name__}: {exc}")]
+            failure = exc
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(outcome, from_process=0)
+    if failure is not None:
+        raise failure
+    kind, value = outcome[0]
+    if kind == "error":
+        raise UserError(value)
+    if kind == "crash":
+        raise RuntimeError(value)
+    return value
+
+
+def claim_folder(out: Path, job: dict, what: str) -> dict | None:
+    """Rank 0: make `out` the folder of `job`. Returns its manifest when the job already finished.
+
+    A folder of another job (other checkpoint, pool, parameters) is refused, never overwritten;
+    leftover tmp files of a killed run are removed (nobody writes while rank 0 decides).
+    """
+    job = json.loads(json.dumps(job))
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    job_file = out / JOB
+    if job_file.is_file():
+        try:
+            saved = json.loads(job_file.read_text())
+        except json.JSONDecodeError:
+            raise UserError(f"{job_file} is not valid JSON: remove the folder {out} and run again") from None
+        for key in sorted(set(saved) | set(job)):
+            if saved.get(key) != job.get(key):
+                raise UserError(
+                    f"{out} holds {what} of another job ({key} is {saved.get(key)!r} there, {job.get(key)!r} here): "
+                    "choose another output folder, or remove it"
+                )
+    elif any(out.iterdir()):
+        raise UserError(f"output folder {out} is not empty and holds no {what}: choose another output folder")
+    else:
+        atomic_write_json(job_file, job)
+    for leftover in out.glob("*.tmp*"):
+        leftover.unlink()
+    manifest = out / MANIFEST
+    return json.loads(manifest.read_text()) if manifest.is_file() else None
