@@ -29,7 +29,8 @@ import yaml
 
 from dist_ssl.config import Config, PipelineConfig, SelectConfig, save_config, to_dict
 from dist_ssl.errors import UserError
-from dist_ssl.inference.jobs import atomic_write_json, on_main
+from dist_ssl.files import atomic_write_json
+from dist_ssl.inference.jobs import on_main
 
 
 def _stage(cfg: Config, pipeline: PipelineConfig, folder: Path, **data) -> Config:

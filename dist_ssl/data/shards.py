@@ -31,6 +31,7 @@ import numpy as np
 
 from dist_ssl.data.sources import Members, Source, plan_splits
 from dist_ssl.errors import UserError
+from dist_ssl.files import atomic_write_json
 
 FORMAT = "dist-ssl-shards/1"
 SPLITS = ("labeled", "unlabeled", "test")
@@ -137,15 +138,6 @@ def check_local_shards(manifest: Manifest) -> None:
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise UserError(f"shard {missing[0]} is missing{more}: it is listed in {manifest.root / 'manifest.json'}")
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        json.dump(data, handle, indent=1)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def sha256_file(path: str | Path) -> str:
@@ -572,7 +564,7 @@ def write_split(
     for key, array, label, truth in items:
         writer.write(key, *encode_input(array, header["input"]["kind"], encoding, quality), label, truth)
     manifest = dict(header, **writer.close())
-    _write_json_atomic(Path(split_dir) / "manifest.json", manifest)
+    atomic_write_json(Path(split_dir) / "manifest.json", manifest)
     return manifest
 
 
@@ -777,7 +769,7 @@ def write_dataset(
             manifests[split] = dict(header, **fields[split])
             if skipped[split]:
                 manifests[split]["skipped"] = skipped[split]
-            _write_json_atomic(tmp / split / "manifest.json", manifests[split])
+            atomic_write_json(tmp / split / "manifest.json", manifests[split])
         out.parent.mkdir(parents=True, exist_ok=True)
         if out.exists():
             out.rmdir()  # empty (checked above)

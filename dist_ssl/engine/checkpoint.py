@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from dist_ssl.errors import UserError
+from dist_ssl.files import atomic_torch_save, atomic_write_text, fsync_dir  # noqa: F401 (tests patch them here)
 
 FORMAT = "dist-ssl-checkpoint/1"
 MARKER = "COMMITTED"
@@ -48,32 +49,6 @@ BOOKKEEPING_KEYS = frozenset({
     "train.checkpoint_every_epochs", "train.checkpoint_every_steps", "train.checkpoint_every_minutes",
     "data.eval_batch_size",
 })
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        torch.save(obj, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def committed(root: Path) -> list[tuple[int, Path]]:
@@ -204,13 +179,13 @@ def save(
             atomic_torch_save(obj, path / f"{stem}.pt")
         atomic_write_text(path / "config.yaml", config_text)
     atomic_torch_save(per_rank, path / f"rank-{accelerator.process_index:05d}.pt")
-    _fsync_dir(path)  # each rank makes its own renames durable (ranks may sit on other nodes)
+    fsync_dir(path)  # each rank makes its own renames durable (ranks may sit on other nodes)
     accelerator.wait_for_everyone()
     if main:
         atomic_write_text(path / "meta.json", json.dumps(dict(meta, format=FORMAT, step=step, saved_at=time.time()), indent=1))
-        _fsync_dir(path)
+        fsync_dir(path)
         atomic_write_text(path / MARKER, f"{step}\n")
-        _fsync_dir(path)
+        fsync_dir(path)
         prune(root, keep_last)
     accelerator.wait_for_everyone()
     return path
@@ -235,7 +210,7 @@ def prune(root: Path, keep_last: int) -> None:
         shutil.rmtree(trash, ignore_errors=True)
         os.replace(folder, trash)
     if doomed:
-        _fsync_dir(root)
+        fsync_dir(root)
     for child in root.iterdir():
         if child.name.endswith(_PRUNED):
             shutil.rmtree(child, ignore_errors=True)

@@ -16,13 +16,13 @@ cannot mix its files with the old ones.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Callable, Sequence, TypeVar
 
 import numpy as np
 
 from dist_ssl.errors import UserError
+from dist_ssl.files import atomic_write_json
 
 T = TypeVar("T")
 MANIFEST = "manifest.json"
@@ -45,33 +45,6 @@ def contiguous_blocks(sizes: Sequence[int], parts: int) -> list[range]:
         owner = np.arange(n, dtype=np.int64) * parts // max(n, 1)
     bounds = np.searchsorted(owner, np.arange(parts + 1), side="left")
     return [range(int(bounds[p]), int(bounds[p + 1])) for p in range(parts)]
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, write: Callable) -> None:
-    """`write(handle)` into a tmp file next to `path`, fsync, rename into place, fsync the folder."""
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def atomic_write_json(path: Path, data: dict) -> None:
-    atomic_write(path, lambda handle: handle.write(json.dumps(data, indent=1).encode()))
 
 
 def on_main(state, decide: Callable[[], T]) -> T:

@@ -43,7 +43,8 @@ from dist_ssl.config import InferenceConfig
 from dist_ssl.data.shards import DataError, Manifest, check_local_shards, load_manifest, raw_samples, sha256_file
 from dist_ssl.data.streams import SampleChecker, loader
 from dist_ssl.errors import UserError
-from dist_ssl.inference.jobs import MANIFEST, atomic_write, atomic_write_json, claim_folder, contiguous_blocks, on_main
+from dist_ssl.files import atomic_write, atomic_write_json
+from dist_ssl.inference.jobs import MANIFEST, claim_folder, contiguous_blocks, on_main
 from dist_ssl.inference.report import LabelStats
 
 FORMAT = "dist-ssl-pseudo-labels/1"

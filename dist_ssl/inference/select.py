@@ -37,7 +37,8 @@ from dist_ssl.config import SelectConfig
 from dist_ssl.data.shards import FORMAT as SHARDS_FORMAT
 from dist_ssl.data.shards import INPUT_EXTENSIONS, DataError, Manifest, load_manifest, raw_samples, sha256_file
 from dist_ssl.errors import UserError
-from dist_ssl.inference.jobs import MANIFEST, atomic_write, atomic_write_json, claim_folder, contiguous_blocks, on_main
+from dist_ssl.files import atomic_write, atomic_write_json
+from dist_ssl.inference.jobs import MANIFEST, claim_folder, contiguous_blocks, on_main
 from dist_ssl.inference.pseudo_label import load_predictions_manifest, read_predictions
 from dist_ssl.inference.report import LabelStats
 
@@ -202,7 +203,6 @@ def _write_chunk(out: Path, index: int, chunks: int, plan: dict, repeated: np.nd
     count = 0
 
     def write(handle) -> None:
-        nonlocal count
         writer = wds.TarWriter(handle, encoder=False, mtime=0)  # integer mtime: plain ustar, reproducible bytes
 
         def put(sample: dict) -> None:
