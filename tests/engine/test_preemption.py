@@ -157,16 +157,20 @@ def test_sigkill_at_random_moments_then_resume_ends_bit_identical(digits_shards,
     rng = random.Random(seed)
     run = tmp_path / "run"
     every = ("train.checkpoint_every_steps=4", "train.keep_last=2")
-    for _ in range(3):
+    last_target = TOTAL - 6  # room left after it for the random moment: the victim must not finish first
+    kills = 0
+    while kills < 3 and newest_step(run) + 4 <= last_target:
         before = newest_step(run)
         victim = launch(digits_shards, run, *every)
-        wait_for_step(run, before + 4 * rng.randint(1, 2), [victim])
+        wait_for_step(run, min(before + 4 * rng.randint(1, 2), last_target), [victim])
         time.sleep(rng.uniform(0, 0.6))  # anywhere: in a step, in a commit, in a prune
         kill_tree(victim.pid)
         victim.communicate()
         assert victim.returncode != 0, f"seed {seed}: the run finished before it was killed"
+        kills += 1
         assert_every_committed_checkpoint_loads(run)
         assert newest_step(run) > before, f"seed {seed}"
+    assert kills >= 2, f"seed {seed}: only {kills} kill(s) fit in the run"
     resumed_from = newest_step(run)
     last = launch(digits_shards, run, *every)
     out, _ = last.communicate(timeout=600)
