@@ -75,8 +75,9 @@ def throughput(shards: Path, work: Path, steps: int, rounds: int) -> dict[str, t
     rates: dict[str, list[float]] = {name: [] for name in VARIANTS}
     shares: dict[str, list[float]] = {name: [] for name in VARIANTS}
     for round_ in range(rounds):
-        for name, (overrides, commits) in VARIANTS.items():
-            results = train(config(shards, work / f"{round_}-{name[:5]}", steps, *overrides))
+        for index, (name, (overrides, commits)) in enumerate(VARIANTS.items()):
+            # one folder per run: a shared one would mix two runs' checkpoints and TensorBoard events
+            results = train(config(shards, work / f"{round_}-{index}", steps, *overrides))
             seconds = commit_seconds(Path(results["run_dir"]))
             assert len(seconds) == commits(steps), (name, len(seconds))
             rates[name].append(results["train_samples_per_second"])
