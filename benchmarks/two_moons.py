@@ -112,6 +112,7 @@ def train_one(method_name: str, shards: Path, overrides: list[str], accelerator)
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--draws", type=int, default=10)
+    parser.add_argument("--first-draw", type=int, default=0, help="draws are seeds N..N+draws-1 (tune on others than the reported 0..9)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for every method")
     parser.add_argument("--shards", type=Path, help="where the draws' datasets go (default: a temporary folder)")
@@ -121,7 +122,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         root = args.shards or Path(tmp)
         draws = []
-        for seed in range(args.draws):
+        seeds = range(args.first_draw, args.first_draw + args.draws)
+        for seed in seeds:
             out = root / f"moons-3pc-s{seed}"
             if not (out / "test" / "manifest.json").is_file():
                 write_dataset(load_source("moons", seed=seed), out, labels_per_class=3, seed=seed)
@@ -131,7 +133,7 @@ def main() -> int:
             started = time.time()
             results[name] = [train_one(name, shards, args.set, accelerator) for shards in draws]
             print(f"{name:<13} {' '.join(f'{a * 100:5.1f}' for a in results[name])}   ({time.time() - started:.0f} s)", flush=True)
-    print(f"\ntwo moons, 3 labels per class, {args.draws} draws (seeds 0..{args.draws - 1}), test accuracy %")
+    print(f"\ntwo moons, 3 labels per class, {args.draws} draws (seeds {seeds[0]}..{seeds[-1]}), test accuracy %")
     print(f"{'method':<13}{'mean':>7}{'± std':>8}{'min':>7}{'max':>7}   seed 002")
     for name, accuracies in results.items():
         values = [a * 100 for a in accuracies]
