@@ -3,6 +3,7 @@ over 10 label draws, as mean +- std.
 
     python benchmarks/two_moons.py                       # the table in README.md (~5 min on 2 cores)
     python benchmarks/two_moons.py --draws 3 --methods mpl smpl --set method.mpl.uda_weight=1
+    python benchmarks/two_moons.py --first-draw 100 --methods smpl   # tuning draws (never tune on 0-9)
 
 Protocol (seed 002): 2,000 points, 3 labels per class, an MLP with two hidden layers of 8 ReLU
 units, learning rate 0.1, 1,000 steps, no augmentation. Draw S writes its dataset as
