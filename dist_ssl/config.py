@@ -29,11 +29,15 @@ class AugmentConfig:
     randaugment_ops: int = 2
     randaugment_magnitude: int = 10  # of torchvision's 31 bins
     cutout: float = 0.5  # side of the erased square as a fraction of the image side; 0 = off
+    # Vector data (two moons, embeddings): the strong view adds Gaussian noise of this many standard
+    # deviations of each feature; 0 = every view is the point itself (seed 002's toy protocol).
+    vector_noise: float = 0.0
 
     def __post_init__(self):
         _check(0 <= self.crop_padding <= 0.5, "data.augment.crop_padding", "must be in [0, 0.5]")
         _check(0 <= self.randaugment_magnitude <= 30, "data.augment.randaugment_magnitude", "must be in [0, 30]")
         _check(0 <= self.cutout < 1, "data.augment.cutout", "must be in [0, 1)")
+        _check(self.vector_noise >= 0, "data.augment.vector_noise", "must be >= 0")
 
 
 @dataclass
@@ -112,10 +116,12 @@ class FixMatchConfig:
     threshold: float = 0.95  # tau
     unlabeled_weight: float = 1.0  # lambda_u
     temperature: float = 1.0  # of the weak-view softmax used for the confidence
+    distribution_alignment: float = 0.0  # as method.mpl's (ReMixMatch; FixMatch + DA in USB); 0 = off
 
     def __post_init__(self):
         _check(0 <= self.threshold <= 1, "method.fixmatch.threshold", "must be in [0, 1]")
         _check(self.temperature > 0, "method.fixmatch.temperature", "must be positive")
+        _check(0 <= self.distribution_alignment < 1, "method.fixmatch.distribution_alignment", "must be in [0, 1)")
 
 
 @dataclass
@@ -141,6 +147,11 @@ class MPLConfig:
     # unlabeled batch size makes the term the exact gradient of the student's post-step labeled loss
     # (methods/mpl.py), 1/N of which the mean gives.
     feedback_weight: float = 1.0
+    # Distribution alignment (ReMixMatch): the pseudo-labeler's class probabilities are multiplied by
+    # (class distribution of the labels) / (its mean prediction on the unlabeled batches), both moving
+    # averages with this decay over the global batch; 0 = off. Keeps self-training from drifting to
+    # one class (methods/mpl.py).
+    distribution_alignment: float = 0.0
 
     def __post_init__(self):
         name = type(self).__name__.removesuffix("Config").lower()
@@ -151,6 +162,7 @@ class MPLConfig:
         _check(self.uda_steps >= 1, f"method.{name}.uda_steps", "must be >= 1")
         _check(0 <= self.baseline_decay < 1, f"method.{name}.baseline_decay", "must be in [0, 1)")
         _check(self.feedback_weight >= 0, f"method.{name}.feedback_weight", "must be >= 0")
+        _check(0 <= self.distribution_alignment < 1, f"method.{name}.distribution_alignment", "must be in [0, 1)")
 
 
 @dataclass

@@ -8,10 +8,13 @@ RandAugment + cutout). A view is two parts:
 * `batch`: the deterministic uint8 -> normalized float conversion, applied once to the stacked
   batch (per sample it cost as much as the shift itself).
 
-Vector data (two moons) has no augmentation: every view is the point itself, as in the seed 002
-toy protocol, standardized with the training split's per-feature mean and std (the SMPL replication
-standardized its moons too; raw moons coordinates leave an 8-8 ReLU net near-linear for the
-protocol's 1,000 steps: 87% test accuracy with every point labeled, instead of 99%).
+Vector data (two moons, embeddings) is standardized with the training split's per-feature mean and
+std (the SMPL replication standardized its moons too; raw moons coordinates leave an 8-8 ReLU net
+near-linear for the protocol's 1,000 steps: 87% test accuracy with every point labeled, instead of
+99%). By default every view is the point itself, as in the seed 002 toy protocol;
+`augment.vector_noise` gives the strong view Gaussian noise of that many feature standard
+deviations, the vector counterpart of RandAugment: consistency between a point and its noisy copy is
+what carries labels along a dense region (README: two moons).
 
 Randomness: the stream seeds torch's default generator per sample before calling `per_sample`
 (see `data.streams`), so a sample's augmentation depends on (seed, epoch, shard, position) only,
@@ -50,10 +53,18 @@ def _standardize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torc
     return (x.float() - mean) / std
 
 
-def build_views(kind: str, input_shape: tuple[int, ...], mean: list[float], std: list[float], augment: AugmentConfig) -> dict[str, View]:
+def _jitter(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x + scale * torch.randn(x.shape)  # the default generator, seeded per sample by the stream
+
+
+def build_views(kind: str, input_shape: tuple[int, ...], mean: list[float], std: list[float], augment: AugmentConfig | None) -> dict[str, View]:
     if kind == "vector":
-        standardize = partial(_standardize, mean=torch.tensor(mean, dtype=torch.float32), std=torch.tensor(std, dtype=torch.float32))
-        return {name: View(_identity, standardize) for name in VIEW_NAMES}
+        scale = torch.tensor(std, dtype=torch.float32)
+        standardize = partial(_standardize, mean=torch.tensor(mean, dtype=torch.float32), std=scale)
+        views = {name: View(_identity, standardize) for name in VIEW_NAMES}
+        if augment is not None and augment.vector_noise > 0:
+            views["strong"] = View(partial(_jitter, scale=augment.vector_noise * scale), standardize)
+        return views
     _, height, width = input_shape
     normalize = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
     shift: list = []
