@@ -22,6 +22,11 @@ from torch import nn
 from dist_ssl.config import Config, OptimConfig, role_optim, role_wait_steps
 
 
+def full(logits: torch.Tensor) -> torch.Tensor:
+    """Logits in at least float32 for the losses (mixed precision hands bf16/fp16 ones)."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
 def _same_everywhere(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 

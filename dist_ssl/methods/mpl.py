@@ -7,7 +7,9 @@ One step (after the student's `roles.student.wait_steps`, during which only the 
    UDA: CE between its weak-view softmax sharpened by `temperature` (kept where the confidence
    reaches `threshold`) and its strong-view prediction, weighted by lambda_u ramped over `uda_steps`.
 2. It pseudo-labels the strong view (`pseudo_labels`: hard argmax, a sampled class, or its softmax;
-   `pseudo_label_view` may pick the weak view instead).
+   `pseudo_label_view` may pick the weak view instead). With `distribution_alignment` its softmax is
+   aligned to the labels' class balance (methods/alignment.py) before labels and UDA targets are
+   read from it; the feedback term reinforces the aligned label.
 3. The student's labeled loss is measured (L_old), the student takes one optimizer step on
    label-smoothed CE of its strong-view prediction against the pseudo-labels, and the labeled loss
    is measured again (L_new).
@@ -61,12 +63,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from dist_ssl.config import Config, MPLConfig, role_wait_steps
-from dist_ssl.methods.base import Method, StepContext, StepOutput, TrainBatch
-
-
-def full(logits: torch.Tensor) -> torch.Tensor:
-    """Logits in at least float32 for the losses (mixed precision hands bf16/fp16 ones)."""
-    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+from dist_ssl.methods.alignment import Alignment, aligned
+from dist_ssl.methods.base import Method, StepContext, StepOutput, TrainBatch, full
 
 
 def uda_weight(step: int, cfg: MPLConfig) -> float:
@@ -150,6 +148,7 @@ class MPL(Method):
         super().__init__(cfg, nets, num_classes)
         self.settings = cfg.method.mpl
         self.feedback = Feedback(self.settings.baseline_decay)
+        self.alignment = Alignment(self.settings.distribution_alignment, num_classes)
 
     def train_step(self, batch: TrainBatch, ctx: StepContext) -> StepOutput:
         cfg = self.settings
@@ -160,11 +159,12 @@ class MPL(Method):
 
         t_labeled, t_weak, t_strong = teacher(torch.cat([x_l, weak, strong])).split([n_l, n_u, n_u])
         loss_labeled = F.cross_entropy(t_labeled, y, label_smoothing=cfg.label_smoothing)
-        loss_uda, mask = uda_loss(t_weak, t_strong, cfg)
+        t_view = t_strong if cfg.pseudo_label_view == "strong" else t_weak
+        shift = self.alignment(t_view, y, ctx)
+        loss_uda, mask = uda_loss(aligned(t_weak, shift), t_strong, cfg)
         weight = uda_weight(ctx.step, cfg)
         teacher_loss = loss_labeled + weight * loss_uda
-        t_view = t_strong if cfg.pseudo_label_view == "strong" else t_weak
-        labels, targets = pseudo_labels(t_view, cfg.pseudo_labels)
+        labels, targets = pseudo_labels(aligned(t_view, shift), cfg.pseudo_labels)
         metrics = {"loss_labeled": loss_labeled.detach(), "loss_unlabeled": loss_uda.detach(), "uda_weight": weight, "mask_rate": mask.float().mean()}
 
         if ctx.step >= role_wait_steps(self.cfg, "student"):
@@ -182,7 +182,9 @@ class MPL(Method):
         return StepOutput(metrics, pseudo_labels=labels, mask=torch.ones_like(labels, dtype=torch.bool))
 
     def state_dict(self) -> dict:
-        return {"baseline": self.feedback.baseline}
+        return {"baseline": self.feedback.baseline, "alignment": self.alignment.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.feedback.baseline = float(state["baseline"])
+        if "alignment" in state:  # checkpoints from before distribution alignment: it was off
+            self.alignment.load_state_dict(state["alignment"])

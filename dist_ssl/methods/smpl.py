@@ -3,7 +3,8 @@
 One step, with MPL's losses (`method.smpl.*` has MPL's keys; the moving baseline is on by default):
 
 1. The network sees [labeled, weak, strong] and pseudo-labels its weak view (`pseudo_label_view`;
-   the replication's step 1 learned the strong view from the weak view's argmax, as FixMatch does).
+   the replication's step 1 learned the strong view from the weak view's argmax, as FixMatch does),
+   after distribution alignment when `distribution_alignment` > 0 (the UDA targets of step 4 too).
 2. The labeled loss is measured (L_old); the network takes a plain SGD step, p -= lr * grad, on
    label-smoothed CE of the strong view against those pseudo-labels: the `pseudo_step` optimizer
    (no momentum, no weight decay, the main learning rate on its own schedule without warm-up, as in
@@ -35,8 +36,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from dist_ssl.config import Config, role_optim
-from dist_ssl.methods.base import Method, OptimizerSpec, StepContext, StepOutput, TrainBatch
-from dist_ssl.methods.mpl import Feedback, full, labeled_loss_sum, pseudo_labels, uda_loss, uda_weight
+from dist_ssl.methods.alignment import Alignment, aligned
+from dist_ssl.methods.base import Method, OptimizerSpec, StepContext, StepOutput, TrainBatch, full
+from dist_ssl.methods.mpl import Feedback, labeled_loss_sum, pseudo_labels, uda_loss, uda_weight
 
 
 class SMPL(Method):
@@ -53,6 +55,7 @@ class SMPL(Method):
         super().__init__(cfg, nets, num_classes)
         self.settings = cfg.method.smpl
         self.feedback = Feedback(self.settings.baseline_decay)
+        self.alignment = Alignment(self.settings.distribution_alignment, num_classes)
 
     def train_step(self, batch: TrainBatch, ctx: StepContext) -> StepOutput:
         cfg = self.settings
@@ -62,7 +65,9 @@ class SMPL(Method):
         sizes = [len(x_l), len(batch.unlabeled["weak"]), len(batch.unlabeled["strong"])]
 
         _, weak, strong = net(inputs).split(sizes)
-        labels, targets = pseudo_labels(strong if cfg.pseudo_label_view == "strong" else weak, cfg.pseudo_labels)
+        labeler = strong if cfg.pseudo_label_view == "strong" else weak
+        shift = self.alignment(labeler, y, ctx)
+        labels, targets = pseudo_labels(aligned(labeler, shift), cfg.pseudo_labels)
         pseudo_loss = F.cross_entropy(full(strong), targets, label_smoothing=cfg.label_smoothing)
         before = labeled_loss_sum(net, x_l, y)
         ctx.optimize("pseudo_step", pseudo_loss)
@@ -71,7 +76,7 @@ class SMPL(Method):
 
         labeled, weak, strong = net(inputs).split(sizes)
         loss_labeled = F.cross_entropy(labeled, y, label_smoothing=cfg.label_smoothing)
-        loss_uda, mask = uda_loss(weak, strong, cfg)
+        loss_uda, mask = uda_loss(aligned(weak, shift), strong, cfg)
         weight = uda_weight(ctx.step, cfg)
         loss = loss_labeled + weight * loss_uda
         if cfg.pseudo_labels != "soft":  # a scalar feedback gives soft targets no gradient (methods/mpl.py)
@@ -92,7 +97,9 @@ class SMPL(Method):
         return StepOutput(metrics, pseudo_labels=labels, mask=torch.ones_like(labels, dtype=torch.bool))
 
     def state_dict(self) -> dict:
-        return {"baseline": self.feedback.baseline}
+        return {"baseline": self.feedback.baseline, "alignment": self.alignment.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.feedback.baseline = float(state["baseline"])
+        if "alignment" in state:  # checkpoints from before distribution alignment: it was off
+            self.alignment.load_state_dict(state["alignment"])

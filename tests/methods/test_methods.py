@@ -74,3 +74,33 @@ def test_pseudo_label_skips_the_unlabeled_pass_before_t1():
     method = METHODS["pseudo_label"](cfg, {"model": net()}, 3)
     out = method.train_step(batch(views=("weak",)), StepContext(0, 1.0, 10, Recorder()))
     assert out.metrics["alpha"] == 0.0 and out.pseudo_labels is None
+
+
+def test_distribution_alignment_rescales_pseudo_labels_to_the_labels_class_balance():
+    from dist_ssl.methods.alignment import Alignment, aligned
+
+    ctx = StepContext(0, 0.0, 10, Recorder())
+    assert Alignment(0.0, 2)(torch.zeros(4, 2), torch.tensor([0, 1]), ctx) is None  # off: targets untouched
+    assert aligned(torch.ones(2, 2), None).equal(torch.ones(2, 2))
+    # a labeler that calls most of the pool class 0 (mean prediction [0.74, 0.26]); balanced labels
+    probs = torch.tensor([[0.9, 0.1]] * 6 + [[0.6, 0.4]] * 2 + [[0.2, 0.8]] * 2)
+    labels = torch.tensor([0, 1, 1, 0])
+    alignment = Alignment(0.5, 2)
+    first = aligned(probs.log(), alignment(probs.log(), labels, ctx)).softmax(1)
+    assert torch.allclose(first.sum(1), torch.ones(10))
+    for _ in range(40):
+        shift = alignment(probs.log(), labels, ctx)
+    mean = probs.mean(0)
+    expected = probs * (0.5 / mean)
+    expected = expected / expected.sum(1, keepdim=True)
+    assert torch.allclose(aligned(probs.log(), shift).softmax(1), expected, atol=1e-5)
+    # the uncertain 0.6 / 0.4 points now go to the minority class; the confident ones stay
+    assert aligned(probs.log(), shift).argmax(1).tolist() == [0] * 6 + [1] * 4
+    # the first step is only half-way there (the averages start uniform)
+    assert first[6, 0] > expected[6, 0]
+    soft = Alignment(0.5, 2)  # soft labels (a split of soft pseudo-labels) count as their probabilities
+    soft(probs.log(), torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.25, 0.75], [0.75, 0.25]]), ctx)
+    assert soft.state_dict()["labeled"] == [0.5, 0.5]
+    restored = Alignment(0.5, 2)
+    restored.load_state_dict(alignment.state_dict())
+    assert restored.state_dict() == alignment.state_dict()

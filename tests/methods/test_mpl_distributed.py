@@ -31,11 +31,13 @@ def moons_shards(tmp_path_factory):
 
 
 def args(method, shards, out):
-    # UDA, label smoothing and the moving baseline on, so every term of the losses is compared.
+    # UDA, label smoothing, the moving baseline and distribution alignment on (and the moons configs'
+    # noisy strong view), so every term of the losses is compared.
     return ["train", f"configs/moons/{method}.yaml", f"data.shards={shards}", f"train.output_dir={out}",
             "train.epochs=3", "train.steps_per_epoch=1", "train.keep_last=3", "train.log_every_steps=1",
             f"method.{method}.uda_weight=1", f"method.{method}.uda_steps=1", f"method.{method}.threshold=0.5",
-            f"method.{method}.label_smoothing=0.1", f"method.{method}.baseline_decay=0.9"]
+            f"method.{method}.label_smoothing=0.1", f"method.{method}.baseline_decay=0.9",
+            f"method.{method}.distribution_alignment=0.9", "data.augment.vector_noise=0.4"]
 
 
 @pytest.mark.parametrize("method", ["mpl", "smpl"])
@@ -52,11 +54,17 @@ def test_one_and_two_processes_take_the_same_steps(moons_shards, tmp_path, metho
             for name, tensor in one[role].items():
                 assert torch.allclose(tensor, two[role][name], rtol=1e-5, atol=1e-6), (step, role, name)
         # method state is saved per rank: both ranks of the two-process run must hold the same baseline
-        baselines = [checkpoint.load_file(tmp_path / run / "checkpoints" / f"step-{step}" / f"rank-{rank:05d}.pt")["method"]["baseline"]
-                     for run, rank in (("one", 0), ("two", 0), ("two", 1))]
+        states = [checkpoint.load_file(tmp_path / run / "checkpoints" / f"step-{step}" / f"rank-{rank:05d}.pt")["method"]
+                  for run, rank in (("one", 0), ("two", 0), ("two", 1))]
+        baselines = [state["baseline"] for state in states]
         assert baselines[1] == baselines[2]
         # a difference of two float32 losses summed in another order: equal to float32 resolution
         assert baselines[0] != 0.0 and baselines[0] == pytest.approx(baselines[1], rel=1e-3, abs=1e-7)
+        # the class distributions are averaged over the global batch, not each rank's half
+        assert states[1]["alignment"] == states[2]["alignment"]
+        for key in ("labeled", "predicted"):
+            assert states[0]["alignment"][key] == pytest.approx(states[1]["alignment"][key], rel=1e-6)
+        assert states[0]["alignment"]["predicted"] != [0.5, 0.5]
     # the run really had two ranks, and the steps really moved the networks
     assert '"world_size": 2' in (tmp_path / "two" / "results.json").read_text()
     first = checkpoint.load_file(tmp_path / "one" / "checkpoints" / "step-1" / "model.pt")["nets"]
