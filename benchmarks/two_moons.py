@@ -39,7 +39,7 @@ from dist_ssl.config import load_config, role_model  # noqa: E402
 from dist_ssl.data.shards import load_manifest, write_dataset  # noqa: E402
 from dist_ssl.data.sources import load_source  # noqa: E402
 from dist_ssl.data.streams import EvalStream, mix  # noqa: E402
-from dist_ssl.data.transforms import build_views  # noqa: E402
+from dist_ssl.data.transforms import View, build_views  # noqa: E402
 from dist_ssl.engine.accelerator import make_accelerator  # noqa: E402
 from dist_ssl.engine.evaluate import evaluate  # noqa: E402
 from dist_ssl.engine.optim import Stepper, build_optimizer, build_scheduler  # noqa: E402
@@ -51,11 +51,14 @@ METHODS = ("supervised", "pseudo_label", "fixmatch", "mpl", "smpl")
 SEED_002 = {"supervised": 76.5, "mpl": 66.0, "smpl": 86.0}
 
 
+def _as_stored(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
 def split_tensors(manifest) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every sample of a split, read once through the evaluation stream."""
-    views = build_views(manifest.kind, manifest.input_shape, manifest.data["mean"], manifest.data["std"], None)
+    """Every sample of a split as stored (raw coordinates), read once through the evaluation stream."""
     xs, ys = [], []
-    for batch in EvalStream(manifest, 4096, views["plain"], 0, 1):
+    for batch in EvalStream(manifest, 4096, View(_as_stored, _as_stored), 0, 1):
         xs.append(batch["inputs"]["plain"])
         ys.append(torch.where(batch["label"] >= 0, batch["label"], batch["truth"]))
     return torch.cat(xs), torch.cat(ys)
@@ -94,19 +97,25 @@ def train_one(method_name: str, shards: Path, overrides: list[str], accelerator)
     schedulers = {name: build_scheduler(optimizers[name], total - spec.wait_steps, spec.optim) for name, spec in specs.items()}
     stepper = Stepper(accelerator, nets, specs, optimizers, schedulers)
     method = method_cls(cfg, nets, labeled.num_classes)
+    views = build_views(labeled.kind, labeled.input_shape, labeled.data["mean"], labeled.data["std"], cfg.data.augment)
     labeled_batches = Epochs(*split_tensors(labeled), cfg.data.batch_size, mix(cfg.data.seed, 1))
     unlabeled_x = split_tensors(unlabeled)[0]
     unlabeled_batches = Epochs(unlabeled_x, torch.zeros(len(unlabeled_x)), cfg.data.batch_size * cfg.data.unlabeled_batch_ratio, mix(cfg.data.seed, 2))
     torch.manual_seed(mix(cfg.train.seed, 1, 0))
+
+    def view(name: str, x: torch.Tensor) -> torch.Tensor:
+        # Vector views are elementwise (standardize, Gaussian noise), so one call covers the batch;
+        # the stream calls `per_sample` per sample under a per-sample seed.
+        return views[name].batch(views[name].per_sample(x))
+
     for step in range(total):
         x, y = labeled_batches.next()
-        batch = TrainBatch(x, y.long())
+        batch = TrainBatch(view(method_cls.labeled_view, x), y.long())
         if method_cls.unlabeled_views:
             u = unlabeled_batches.next()[0]
-            batch.unlabeled = {view: u for view in method_cls.unlabeled_views}  # vectors: every view is the point itself
+            batch.unlabeled = {name: view(name, u) for name in method_cls.unlabeled_views}
         stepper.step = step
         method.train_step(batch, StepContext(step, step / cfg.train.steps_per_epoch, total, stepper, stepper.reduce_sum))
-    views = build_views(test.kind, test.input_shape, labeled.data["mean"], labeled.data["std"], None)
     return evaluate(nets[method_cls.eval_role], test, views["plain"], accelerator, 1024)["accuracy"]
 
 
