@@ -150,7 +150,7 @@ class MPLConfig:
     # Distribution alignment (ReMixMatch): the pseudo-labeler's class probabilities are multiplied by
     # (class distribution of the labels) / (its mean prediction on the unlabeled batches), both moving
     # averages with this decay over the global batch; 0 = off. Keeps self-training from drifting to
-    # one class (methods/mpl.py).
+    # one class (methods/alignment.py).
     distribution_alignment: float = 0.0
 
     def __post_init__(self):
