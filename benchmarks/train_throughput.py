@@ -25,9 +25,9 @@ Sections:
   batch, optimizer and EMA, timed the same way. Ratios are unlabeled images/s against it.
 
 Allocator: on CPU, glibc hands large freed buffers back to the kernel and a WRN step then spends
-seconds re-faulting zeroed pages (ENVIRONMENT.md). `--allocator default` runs every process as it
-comes; `tuned` sets MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=64GiB for every process alike. The
-figures printed say which.
+seconds re-faulting zeroed pages (ENVIRONMENT.md). dist-ssl keeps freed memory itself on CPU
+(`train.cpu_allocator=tuned`, the default; a row measures `default`). The baseline runs as it comes
+(`default`), and again with MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=64GiB (`tuned`), like for like.
 
 `libraries` (not in the default sections; kornia and torchaug are not dependencies): RandAugment
 alone, ours against kornia's and torchaug's batch transforms.
@@ -62,6 +62,7 @@ SWITCHES = {
         ("fp32 per-sample (before)", ["data.augment.path=per_sample"]),
         ("fp32 batched", ["data.augment.path=batched"]),
         ("fp32 batched channels_last", ["data.augment.path=batched", "train.channels_last=true"]),
+        ("fp32 batched, train.cpu_allocator=default", ["data.augment.path=batched", "train.cpu_allocator=default"]),
         ("bf16 batched", ["data.augment.path=batched", "train.mixed_precision=bf16"]),
         ("bf16 batched channels_last", ["data.augment.path=batched", "train.mixed_precision=bf16", "train.channels_last=true"]),
     ],
@@ -71,7 +72,7 @@ SWITCHES = {
         ("bf16 batched", ["data.augment.path=batched", "train.mixed_precision=bf16"]),
     ],
 }
-COMPILE = ("bf16 batched compile", ["data.augment.path=batched", "train.mixed_precision=bf16", "train.compile=true"])
+COMPILE = ("fp32 batched compile", ["data.augment.path=batched", "train.compile=true"])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -405,18 +406,50 @@ def peak_tflops(args, mixed: bool) -> float | None:
     return None
 
 
-def steps_section(args, env: dict) -> list[dict]:
-    rows = []
-    baseline = run_child("baseline", args, [], env) if "baseline" in args.sections else None
-    if baseline:
-        rows.append(dict(baseline, method="fixmatch", switches="plain PyTorch baseline (fp32, per-sample, eager)", ratio=1.0))
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AMX or AVX512-BF16); without it bf16 is emulated and
+    far slower than fp32 (an AMD EPYC here: 7+ minutes for 3 WRN steps), so its rows are skipped."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def steps_section(args, env: dict) -> None:
+    """Prints each row as its run ends (a run is minutes on CPU)."""
+    baseline = None
+    printed = False
+
+    def emit(row: dict) -> None:
+        nonlocal printed
+        keys = ["method", "switches", "allocator", "unlabeled_per_second", "ratio", "data_wait", "peak_mib", "memory_ratio", "tflops", "mfu"]
+        if not printed:
+            print(" | ".join(keys))
+            printed = True
+        print(" | ".join(f"{row[k]:.3g}" if isinstance(row.get(k), float) else str(row.get(k, "")) for k in keys), flush=True)
+
+    skip_bf16 = args.device == "cpu" and not native_bf16()
+    if skip_bf16:
+        print("(this CPU has no native bf16: bf16 rows skipped)")
+    if "baseline" in args.sections:
+        # The straightforward implementation runs with the allocator as it comes; on CPU it is also
+        # measured with ours, like for like.
+        for allocator, baseline_env in (("default", {}), ("tuned", TUNED_MALLOC)) if args.device == "cpu" else (("default", {}),):
+            result = run_child("baseline", args, [], baseline_env)
+            if baseline is None:
+                baseline = result
+            emit(dict(result, method="fixmatch", switches="plain PyTorch baseline (fp32, per-sample, eager)", allocator=allocator,
+                      ratio=result["unlabeled_per_second"] / baseline["unlabeled_per_second"], memory_ratio=result["peak_mib"] / baseline["peak_mib"]))
     for method in ("fixmatch", "mpl"):
         if method not in args.sections:
             continue
         switches = SWITCHES[method] + ([COMPILE] if args.compile and method == "fixmatch" else [])
         for label, overrides in switches:
+            if skip_bf16 and "bf16" in label:
+                continue
             result = run_child(method, args, overrides, env)
-            row = dict(result, method=method, switches=label)
+            row = dict(result, method=method, switches=label, allocator="dist-ssl's" if args.device == "cpu" else "cuda")
             if baseline and method == "fixmatch":
                 row["ratio"] = result["unlabeled_per_second"] / baseline["unlabeled_per_second"]
                 row["memory_ratio"] = result["peak_mib"] / baseline["peak_mib"]
@@ -425,8 +458,7 @@ def steps_section(args, env: dict) -> list[dict]:
                 peak = peak_tflops(args, "bf16" in label)
                 row["tflops"] = result["flops_per_step"] / step_seconds / 1e12
                 row["mfu"] = row["tflops"] / peak if peak else None
-            rows.append(row)
-    return rows
+            emit(row)
 
 
 def print_rows(title: str, rows: list[dict]) -> None:
@@ -450,7 +482,6 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="steps per window; a run takes two windows")
     parser.add_argument("--workers", type=int, default=1, help="DataLoader workers per stream (ours) and per loader (baseline)")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--allocator", choices=("default", "tuned"), default="tuned")
     parser.add_argument("--compile", action="store_true", help="also measure train.compile=true (minutes of compilation)")
     parser.add_argument("--peak-tflops", type=float, default=None)
     parser.add_argument("--work", default=None, help="folder for shards and runs (default: a temporary one)")
@@ -463,11 +494,11 @@ def main() -> None:
         return
     args.sections = args.sections.split(",")
     args.work = args.work or tempfile.mkdtemp(prefix="dist-ssl-throughput-")
-    env = TUNED_MALLOC if args.allocator == "tuned" else {}
+    env: dict = {}  # dist-ssl tunes its allocator itself on CPU (train.cpu_allocator)
     import torch
 
     print(f"# train_throughput: device {args.device} ({torch.cuda.get_device_name() if args.device == 'cuda' else f'{os.cpu_count()} CPU cores'}), "
-          f"torch {torch.__version__}, allocator {args.allocator}, workers {args.workers}, {args.steps}+{args.steps} steps per run")
+          f"torch {torch.__version__}, workers {args.workers}, {args.steps}+{args.steps} steps per run")
     if "augment" in args.sections:
         print_rows("augmentation: views per second (448 images; CPU: one thread)", augment_section(args))
         sys.stdout.flush()
@@ -475,7 +506,8 @@ def main() -> None:
         print_rows("RandAugment(2, 10) implementations (448 CIFAR images; CPU: one thread)", libraries_section(args))
     if any(s in args.sections for s in ("baseline", "fixmatch", "mpl")):
         write_shards(Path(args.work))
-        print_rows("steps: WRN-28-2, 64 labeled + 448 weak + 448 strong, synthetic CIFAR shards", steps_section(args, env))
+        print("\n## steps: WRN-28-2, 64 labeled + 448 weak + 448 strong, synthetic CIFAR shards (ratios: against the first baseline row)")
+        steps_section(args, env)
 
 
 if __name__ == "__main__":

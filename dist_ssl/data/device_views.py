@@ -20,9 +20,10 @@ Here a view has three stages:
 * `apply(images, plan)`, on the device, on the uint8 batch: crop + flip as one gather, every
   RandAugment group through torchvision's own functional op (a group shares its parameter:
   RandAugment's magnitude is fixed and only the sign is drawn), cutout as one masked fill, then
-  the reference normalization. Crop and cutout are our own ops because torchvision's take one
-  parameter set per call (one crop place for the whole batch); kornia and torchaug were measured
-  against them (`benchmarks/train_throughput.py --libraries`, README: Speed).
+  the reference normalization. Crop and cutout are our own ops because
+  torchvision's take one parameter set per call (one crop place for the whole batch); kornia's and
+  torchaug's RandAugment were measured beside ours (`benchmarks/train_throughput.py --sections
+  libraries`, README: Speed): neither applies parameters drawn elsewhere per sample.
 
 A sample's view depends on (seed, epoch, shard, position) only: not on the batch it is in, the
 number of workers or the number of ranks.
@@ -66,7 +67,7 @@ class BatchedImageView:
         self.randaugment_ops = randaugment_ops
         self.cutout_area = cutout**2
         self.fill = fill
-        self.normalize = normalize
+        self.normalize = normalize  # the reference's (a lookup table per level measured 2x slower on CPU)
         self.ops = []
         for name in _OPS:
             magnitudes_fn, signed = _RANDAUGMENT._AUGMENTATION_SPACE[name]
@@ -165,6 +166,7 @@ class BatchedImageView:
         if "erase" in plan:
             x = cutout(x, plan["erase"], self.fill)
         return self.normalize(x)
+
 
     def _randaugment_op(self, x: torch.Tensor, op: int, negative: int) -> torch.Tensor:
         spec = self.ops[op]

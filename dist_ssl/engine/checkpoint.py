@@ -47,7 +47,7 @@ _PRUNED = ".pruned"  # suffix of a folder being deleted; never a checkpoint
 BOOKKEEPING_KEYS = frozenset({
     "train.output_dir", "train.resume", "train.keep_last", "train.log_every_steps", "train.eval_every_epochs",
     "train.checkpoint_every_epochs", "train.checkpoint_every_steps", "train.checkpoint_every_minutes",
-    "data.eval_batch_size",
+    "data.eval_batch_size", "data.augment.path", "train.cpu_allocator",  # the same views, the same arithmetic
 })
 
 

@@ -28,7 +28,7 @@ from dist_ssl.data.shards import Manifest, load_manifest
 from dist_ssl.data.streams import TrainStream, loader, mix
 from dist_ssl.data.transforms import build_views
 from dist_ssl.engine import checkpoint, preemption
-from dist_ssl.engine.accelerator import make_accelerator
+from dist_ssl.engine.accelerator import keep_freed_memory, make_accelerator
 from dist_ssl.engine.evaluate import evaluate
 from dist_ssl.engine.finetune import finetune_config
 from dist_ssl.engine.logging import RunLogger
@@ -153,6 +153,8 @@ class Trainer:
         self.data = data = load_run_data(cfg, method_cls)
         self.accelerator = accelerator = make_accelerator(cfg.train.mixed_precision)
         self.rank, self.world, self.device = accelerator.process_index, accelerator.num_processes, accelerator.device
+        if self.device.type == "cpu" and cfg.train.cpu_allocator == "tuned":
+            keep_freed_memory()
         self.run_dir = Path(cfg.train.output_dir)
         self.identity = {
             "method": cfg.method.name,
