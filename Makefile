@@ -14,9 +14,13 @@ TORCH := "torchvision>=0.29"
 
 install: $(VENV)/.installed
 
+# The deepspeed extra is in the default install so the test suite runs DeepSpeed for real (CPU
+# accelerator, 1 process); EXTRAS=dev skips it on a machine that never launches DeepSpeed.
+EXTRAS ?= dev,deepspeed
+
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q -e ".[dev]" $(TORCH)
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]" $(TORCH)
 	touch $@
 
 demo: install

@@ -22,7 +22,7 @@ from dist_ssl.data.shards import Manifest, load_manifest
 from dist_ssl.data.streams import TrainStream, loader, mix
 from dist_ssl.data.transforms import build_views
 from dist_ssl.engine import checkpoint, preemption
-from dist_ssl.engine.accelerator import make_accelerator
+from dist_ssl.engine.accelerator import launch_facts, make_accelerator, prepare_training
 from dist_ssl.engine.evaluate import evaluate
 from dist_ssl.engine.finetune import finetune_config
 from dist_ssl.engine.logging import RunLogger
@@ -180,10 +180,7 @@ def train(cfg: Config) -> dict:
             every = [checkpoint.rank_file(resume_from, r)["streams"] for r in range(saved_world)]
             streams_state = {name: [ranks[name] for ranks in every] for name in every[0]}
     check_deepspeed(accelerator.distributed_type, cfg.method.name, list(optimizers))
-    for role in nets:
-        nets[role] = accelerator.prepare(nets[role])
-    for name in optimizers:
-        optimizers[name] = accelerator.prepare(optimizers[name])
+    prepare_training(accelerator, nets, optimizers, specs, labeled_batch)
     for ema in emas.values():
         ema.to(device)
     method.nets = nets
@@ -319,6 +316,7 @@ def train(cfg: Config) -> dict:
         "evaluated_weights": "ema" if emas else "raw",
         "steps": total,
         "world_size": world,
+        "launch": launch_facts(accelerator),
         "wall_seconds": wall_before + session_seconds,
         "train_samples_per_second": (total - start_step) * samples_per_step / session_seconds if total > start_step else None,
         "corrupt_samples": {name: int(n) for name, n in zip(train_streams, corrupt.tolist())},
