@@ -32,6 +32,11 @@ class AugmentConfig:
     # Vector data (two moons, embeddings): the strong view adds Gaussian noise of this many standard
     # deviations of each feature; 0 = every view is the point itself (seed 002's toy protocol).
     vector_noise: float = 0.0
+    # Where views are computed: `per_sample` = torchvision v2 one sample at a time in the DataLoader
+    # workers (the reference); `batched` = the workers only draw each sample's parameters and the
+    # training device applies them to the whole batch (data/device_views.py: the same views, bit for
+    # bit); `auto` = batched, measured faster on CPU and GPU (README: Speed).
+    path: Literal["auto", "per_sample", "batched"] = "auto"
 
     def __post_init__(self):
         _check(0 <= self.crop_padding <= 0.5, "data.augment.crop_padding", "must be in [0, 0.5]")
@@ -244,6 +249,8 @@ class TrainConfig:
     resume: str = "auto"  # auto (newest committed checkpoint) | never | path of a step-N folder
     ema_decay: float = 0.0  # EMA of the evaluated network (MPL: the student); 0 = off; evaluation uses it
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    channels_last: bool = False  # NHWC networks and inputs (README: Speed says when it pays)
+    compile: bool = False  # torch.compile the networks (minutes of compilation before the first step)
     log_every_steps: int = 10
     seed: int = 0  # model init and per-rank dropout
     # A checkpoint (step-N or run folder) whose evaluated network (its EMA when saved) starts every

@@ -33,3 +33,11 @@ def check_runnable(cfg: Config) -> None:
         assert spec.wait_steps < cfg.train.total_steps, name
     if method.unlabeled_views:
         assert cfg.data.unlabeled_batch_ratio >= 1
+
+
+@pytest.mark.parametrize("labels, per_class", [("40", 4), ("250", 25), ("4k", 400)])
+def test_cifar10_fixmatch_configs_hold_the_papers_settings(labels, per_class):
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "cifar10" / f"fixmatch_{labels}.yaml")
+    assert (cfg.method.name, cfg.model.name, cfg.data.batch_size, cfg.data.unlabeled_batch_ratio) == ("fixmatch", "wide_resnet28_2", 64, 7)
+    assert (cfg.method.fixmatch.threshold, cfg.optim.lr, cfg.optim.schedule, cfg.train.ema_decay) == (0.95, 0.03, "cosine_7_16", 0.999)
+    assert cfg.train.total_steps == 2**20 and cfg.data.shards == f"shards/cifar10-{per_class}pc"

@@ -274,6 +274,12 @@ class TrainStream(IterableDataset):
             totals = np.array([s.get("carried", (0, 0)) for s in states] + list(counts.values())).sum(axis=0)
             self.carried = (int(totals[0]), int(totals[1]))
 
+    def restore(self, own: dict | None, every_rank) -> None:
+        """From a checkpoint: this rank's own saved position when the layout (ranks x workers) is
+        unchanged, else what every saved rank had left (`every_rank()` gives their states), redistributed."""
+        same_layout = own is not None and own["world"] == self.world and own["workers"] == self.slots
+        self.load_state_dict(own if same_layout else every_rank())
+
     def _redistribute(self, old: Layout, positions: dict[int, tuple[int, int, int]]) -> Layout:
         """What every old consumer had left of the epochs in progress, as residual work of a new layout."""
         where = {c: positions.get(c, old.start()) for c in range(old.consumers)}
@@ -354,7 +360,14 @@ def _next(phase: int, cursor: int, plan: list) -> tuple[int, int, int]:
 
 
 def collate(pending: list[tuple[int, int, int, dict]], views: dict, seed: int) -> dict:
-    """Augment a list of (epoch, shard, position, decoded sample) into a batch of every view."""
+    """A batch of (epoch, shard, position, decoded sample) and each view's randomness.
+
+    Each sample's view `index` runs under torch's default generator seeded by (seed, epoch, shard,
+    position, index). Reference views (`data.transforms`) are computed here, one sample at a time:
+    `inputs`. Batched views (`data.device_views`) only draw their parameters here: the batch
+    carries the decoded samples (`decoded`, uint8 images) and each view's `plans`, and the training
+    device applies them (`device_views.on_device`)."""
+    batched = any(hasattr(view, "draw") for view in views.values())
     outputs: dict[str, list] = {name: [] for name in views}
     generator = torch.default_generator
     saved = generator.get_state()
@@ -362,16 +375,20 @@ def collate(pending: list[tuple[int, int, int, dict]], views: dict, seed: int) -
         for epoch, shard, position, sample in pending:
             for index, (name, view) in enumerate(views.items()):
                 generator.manual_seed(mix(seed, epoch, shard, position, index))
-                outputs[name].append(view.per_sample(sample["input"]))
+                outputs[name].append(view.draw() if batched else view.per_sample(sample["input"]))
     finally:
         generator.set_state(saved)
     batch = {
-        "inputs": {name: views[name].batch(torch.stack(values)) for name, values in outputs.items()},
         "label": torch.tensor([-1 if s["label"] is None else s["label"] for *_, s in pending], dtype=torch.long),
         "truth": torch.tensor([-1 if s["truth"] is None else s["truth"] for *_, s in pending], dtype=torch.long),
         "epoch": torch.tensor([epoch for epoch, *_ in pending], dtype=torch.long),
         "keys": [s["key"] for *_, s in pending],
     }
+    if batched:
+        batch["decoded"] = torch.stack([s["input"] for *_, s in pending])
+        batch["plans"] = {name: views[name].plan(values) for name, values in outputs.items()}
+    else:
+        batch["inputs"] = {name: views[name].batch(torch.stack(values)) for name, values in outputs.items()}
     softs = [s["soft"] for *_, s in pending if s["soft"] is not None]
     if softs:  # a split of soft pseudo-labels (dist-ssl select --soft): the class probabilities
         if len(softs) != len(pending):

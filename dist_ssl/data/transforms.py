@@ -50,23 +50,33 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
 
 
 def _standardize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    return (x.float() - mean) / std
+    return (x.float() - mean.to(x.device)) / std.to(x.device)
 
 
 def _jitter(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x + scale * torch.randn(x.shape)  # the default generator, seeded per sample by the stream
 
 
+def vector_standardization(mean: list[float], std: list[float]) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]:
+    """(standardize, per-feature std) of vector data."""
+    scale = torch.tensor(std, dtype=torch.float32)
+    return partial(_standardize, mean=torch.tensor(mean, dtype=torch.float32), std=scale), scale
+
+
+def normalization(mean: list[float], std: list[float]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """uint8 images -> normalized float32, on whole batches."""
+    return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+
+
 def build_views(kind: str, input_shape: tuple[int, ...], mean: list[float], std: list[float], augment: AugmentConfig | None) -> dict[str, View]:
     if kind == "vector":
-        scale = torch.tensor(std, dtype=torch.float32)
-        standardize = partial(_standardize, mean=torch.tensor(mean, dtype=torch.float32), std=scale)
+        standardize, scale = vector_standardization(mean, std)
         views = {name: View(_identity, standardize) for name in VIEW_NAMES}
         if augment is not None and augment.vector_noise > 0:
             views["strong"] = View(partial(_jitter, scale=augment.vector_noise * scale), standardize)
         return views
     _, height, width = input_shape
-    normalize = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+    normalize = normalization(mean, std)
     shift: list = []
     pad = round(augment.crop_padding * max(height, width))
     if pad > 0:

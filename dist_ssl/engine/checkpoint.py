@@ -331,3 +331,94 @@ def config_changes(path: Path, resolved: dict) -> list[str]:
     now = _flatten(resolved)
     return [f"{key}: {saved.get(key)!r} -> {now.get(key)!r}" for key in sorted(saved.keys() | now.keys())
             if key not in BOOKKEEPING_KEYS and saved.get(key) != now.get(key)]
+
+
+# ----------------------------------------------------------------------------------------------
+# a run's checkpointer: named stateful pieces in, step-N folders out
+
+
+class RngState:
+    """Each rank's RNGs (python, numpy, torch, CUDA) as a piece of the rank file. Restored ones are
+    applied by `apply()`, called just before the first step: whatever runs in between (building
+    DataLoader iterators, say) cannot shift them. A rank the saved run did not have seeds its own."""
+
+    def __init__(self, fresh_seed: int):
+        self.fresh_seed = fresh_seed
+        self.pending: dict | None = None
+
+    def state_dict(self) -> dict:
+        return rng_state()
+
+    def restore(self, own: dict | None, every_rank) -> None:
+        self.pending = own
+
+    def apply(self) -> None:
+        if self.pending is not None:
+            set_rng_state(self.pending)
+        else:  # a fresh run, or a rank the saved run did not have
+            from accelerate.utils import set_seed
+
+            set_seed(self.fresh_seed)
+
+
+class RankPiece:
+    """An object with state_dict()/load_state_dict() as a piece of the rank file. A rank that the
+    saved run did not have loads rank 0's state (`fallback="rank0"`) or keeps its own (`"keep"`)."""
+
+    def __init__(self, obj, fallback: str = "keep"):
+        self.obj, self.fallback = obj, fallback
+
+    def state_dict(self) -> dict:
+        return self.obj.state_dict()
+
+    def restore(self, own: dict | None, every_rank) -> None:
+        if own is not None:
+            self.obj.load_state_dict(own)
+        elif self.fallback == "rank0":
+            self.obj.load_state_dict(every_rank()[0])
+
+
+class Checkpointer:
+    """Saves and restores a run as `step-N` folders (`save`, `restore` above), from named pieces:
+
+    * shared, written once by rank 0: the networks and their EMAs by role, the optimizers and
+      schedules by name, the fp16 grad scaler, the run's counters;
+    * each rank's own, in its rank file: `own` maps a name to a piece with `state_dict()` and
+      `restore(own_state_or_None, every_rank)`, where `every_rank()` returns that piece's state in
+      every rank file of the checkpoint (a stream resumed on another layout needs them all).
+
+    `meta` identifies the run (method, model, classes, input shape...); `save` adds the world size,
+    the epoch and the reason."""
+
+    def __init__(self, root: Path, accelerator, nets: dict, emas: dict, optimizers: dict, schedulers: dict,
+                 own: dict, meta: dict, config_text: str, keep_last: int, steps_per_epoch: int):
+        self.root, self.accelerator = root, accelerator
+        self.nets, self.emas, self.optimizers, self.schedulers = nets, emas, optimizers, schedulers
+        self.own, self.meta, self.config_text = own, meta, config_text
+        self.keep_last, self.steps_per_epoch = keep_last, steps_per_epoch
+
+    def save(self, step: int, counters: dict, reason: str) -> Path:
+        sync_buffers([*self.nets.values(), *self.emas.values()], self.accelerator)
+        shared = snapshot(self.nets, self.emas, self.optimizers, self.schedulers, self.accelerator.scaler, counters)
+        own = {name: piece.state_dict() for name, piece in self.own.items()}
+        meta = dict(self.meta, world_size=self.accelerator.num_processes, epoch=step / self.steps_per_epoch, reason=reason)
+        return save(self.root, step, self.accelerator, shared, own, meta, self.config_text, self.keep_last)
+
+    def restore(self, path: Path) -> dict:
+        """Load `path` into the freshly built pieces (before `accelerator.prepare`); the counters."""
+        saved_world = check_ours(path).get("world_size", self.accelerator.num_processes)
+        rank = self.accelerator.process_index
+        mine_rank = rank if rank < saved_world else None  # more processes now: no file of its own
+        counters, mine = restore(path, mine_rank, self.nets, self.emas, self.optimizers, self.schedulers, self.accelerator.scaler)
+        files: list = []
+
+        def every_rank_of(name: str):
+            def states() -> list:
+                if not files:
+                    files.extend(rank_file(path, r) for r in range(saved_world))
+                return [f[name] for f in files]
+            return states
+
+        for name, piece in self.own.items():
+            piece.restore(mine[name] if mine is not None else None, every_rank_of(name))
+        return counters

@@ -29,21 +29,23 @@ class RunLogger:
 
                 self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
+    # Values stay where they are (on the GPU, unsynchronized) until `flush`: a `.cpu()` per step
+    # would make the host wait for the device every step.
     def accumulate(self, metrics: dict) -> None:
         for name, value in metrics.items():
-            self.window.setdefault(name, []).append(torch.as_tensor(value, dtype=torch.float64).detach().cpu())
+            self.window.setdefault(name, []).append(value.detach() if isinstance(value, torch.Tensor) else torch.tensor(float(value), dtype=torch.float64))
 
     def accumulate_ratio(self, name: str, numerator, denominator) -> None:
         """A ratio of sums (e.g. correct / counted), exact over steps and ranks."""
-        pair = torch.tensor([float(numerator), float(denominator)], dtype=torch.float64)
-        self.ratios[name] = self.ratios.get(name, torch.zeros(2, dtype=torch.float64)) + pair
+        pair = torch.stack([torch.as_tensor(numerator), torch.as_tensor(denominator)]).detach().to(torch.float64)
+        self.ratios[name] = pair + self.ratios[name].to(pair.device) if name in self.ratios else pair
 
     def flush(self, step: int) -> dict[str, float]:
         """Average the window over steps and ranks; write it to TensorBoard at `step`."""
         names = sorted(self.window)
         ratio_names = sorted(self.ratios)
-        means = [torch.stack(self.window[n]).mean() for n in names]
-        pairs = [self.ratios[n] for n in ratio_names]
+        means = [torch.stack([v.to("cpu", torch.float64) for v in self.window[n]]).mean() for n in names]
+        pairs = [self.ratios[n].cpu() for n in ratio_names]
         if self.accelerator.num_processes > 1:
             device = self.accelerator.device
             if means:
@@ -64,7 +66,8 @@ class RunLogger:
     def state_dict(self) -> dict:
         """The window not flushed yet: a checkpoint taken between two flushes keeps it, so a resumed
         run logs the same curves as an uninterrupted one."""
-        return {"window": {n: torch.stack(v) for n, v in self.window.items()}, "ratios": dict(self.ratios)}
+        return {"window": {n: torch.stack([v.to("cpu", torch.float64) for v in values]) for n, values in self.window.items()},
+                "ratios": {n: pair.cpu() for n, pair in self.ratios.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.window = {n: list(values) for n, values in state["window"].items()}

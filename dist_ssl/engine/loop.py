@@ -3,6 +3,11 @@
 Runs the same under `dist-ssl train` (one process) and `accelerate launch` (N processes, DDP over
 gloo on CPU or NCCL on GPUs). Batch sizes in the config are global: each rank takes its share, so
 a run means the same thing on 1 or 8 processes.
+
+Shaped like torchtitan's Trainer: `Trainer(cfg)` builds a run once (data, networks, optimizers,
+EMA, streams, logger, checkpointer) and restores it from its newest checkpoint; `fit()` calls a
+short `train_step` per step, evaluates and checkpoints at the step boundaries, and `finish()`
+writes the results.
 """
 
 from __future__ import annotations
@@ -14,10 +19,11 @@ from pathlib import Path
 
 import torch
 import yaml
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import DistributedType
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from dist_ssl.config import Config, role_model, save_config, to_dict
+from dist_ssl.data import device_views
 from dist_ssl.data.shards import Manifest, load_manifest
 from dist_ssl.data.streams import TrainStream, loader, mix
 from dist_ssl.data.transforms import build_views
@@ -29,7 +35,7 @@ from dist_ssl.engine.logging import RunLogger
 from dist_ssl.engine.optim import Stepper, build_optimizer, build_scheduler
 from dist_ssl.errors import UserError
 from dist_ssl.methods import get_method
-from dist_ssl.methods.base import Method, StepContext, TrainBatch
+from dist_ssl.methods.base import Method, StepContext, StepOutput, TrainBatch
 from dist_ssl.models import build_model
 
 
@@ -117,18 +123,8 @@ def _init_from(nets: dict, path: str, cfg: Config, data: RunData) -> None:
         net.load_state_dict(weights)
 
 
-def train(cfg: Config) -> dict:
-    method_cls = get_method(cfg.method.name)
-    data = load_run_data(cfg, method_cls)
-    accelerator = make_accelerator(cfg.train.mixed_precision)
-    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
-    labeled_batch = per_rank(cfg.data.batch_size, world, "data.batch_size")
-    unlabeled_batch = per_rank(cfg.data.batch_size * cfg.data.unlabeled_batch_ratio, world, "data.batch_size * data.unlabeled_batch_ratio")
-    if method_cls.unlabeled_views and unlabeled_batch == 0:
-        raise UserError(f"method '{cfg.method.name}' needs unlabeled data: set data.unlabeled_batch_ratio >= 1")
-
-    run_dir = Path(cfg.train.output_dir)
-    ckpt_root = run_dir / "checkpoints"
+def resume_point(cfg: Config, ckpt_root: Path, identity: dict) -> tuple[Path | None, dict | None]:
+    """The checkpoint this run continues from (train.resume) and its meta, checked against the run."""
     resume_from = None
     if cfg.train.resume == "auto":
         resume_from = checkpoint.latest(ckpt_root)
@@ -137,200 +133,280 @@ def train(cfg: Config) -> dict:
     if cfg.train.resume != "auto":
         start = 0 if resume_from is None else int(checkpoint.check_ours(resume_from)["step"])
         checkpoint.refuse_to_mix(ckpt_root, start, f"train.resume={cfg.train.resume}")
-    identity = {
-        "method": cfg.method.name,
-        "model": role_model(cfg, method_cls.eval_role).name,
-        "num_classes": data.labeled.num_classes,
-        "input_shape": list(data.labeled.input_shape),
-    }
-    saved_world = world
-    if resume_from is not None:
-        saved = checkpoint.check_ours(resume_from)
-        _compatible(saved, identity, resume_from)
-        saved_world = saved.get("world_size", world)
+    if resume_from is None:
+        return None, None
+    meta = checkpoint.check_ours(resume_from)
+    _compatible(meta, identity, resume_from)
+    return resume_from, meta
 
-    # Same initial weights on every rank; then each rank its own dropout stream.
-    torch.manual_seed(cfg.train.seed)
-    total = cfg.train.total_steps
-    nets = {role: build_model(role_model(cfg, role), data.labeled.num_classes, data.labeled.input_shape) for role in method_cls.roles}
-    if cfg.train.init_from and resume_from is None:
-        _init_from(nets, cfg.train.init_from, cfg, data)
-    specs = method_cls.optimizer_specs(cfg)
-    for name, spec in specs.items():
-        if spec.wait_steps >= total:
-            raise UserError(f"optimizer '{name}' waits {spec.wait_steps} steps, but the run has only {total} (train.epochs x train.steps_per_epoch)")
-    optimizers = {name: build_optimizer(nets[spec.net], spec.optim) for name, spec in specs.items()}
-    schedulers = {name: build_scheduler(optimizers[name], total - spec.wait_steps, spec.optim) for name, spec in specs.items()}
-    emas = {}
-    if cfg.train.ema_decay > 0:  # of the evaluated network only (MPL: the student's, not the teacher's)
-        role = method_cls.eval_role
-        emas = {role: AveragedModel(nets[role], multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True)}
-    method = method_cls(cfg, {}, data.labeled.num_classes)
-    state = {"step": 0, "wall_seconds": 0.0, "history": []}
-    streams_state: dict = {}
-    mine: dict | None = None
-    if resume_from is not None:
-        # A rank the saved run did not have (more processes now) has no file of its own.
-        state, mine = checkpoint.restore(resume_from, rank if rank < saved_world else None, nets, emas, optimizers, schedulers, accelerator.scaler)
-        method.load_state_dict((mine if mine is not None else checkpoint.rank_file(resume_from, 0))["method"])
-        slots = max(cfg.data.workers, 1)
-        if saved_world == world and all(s["workers"] == slots for s in mine["streams"].values()):
-            streams_state = mine["streams"]
-        else:  # another layout: the streams redistribute what every saved rank had left (data.streams)
-            every = [checkpoint.rank_file(resume_from, r)["streams"] for r in range(saved_world)]
-            streams_state = {name: [ranks[name] for ranks in every] for name in every[0]}
-    check_deepspeed(accelerator.distributed_type, cfg.method.name, list(optimizers))
-    prepare_training(accelerator, nets, optimizers, specs, labeled_batch)
-    for ema in emas.values():
-        ema.to(device)
-    method.nets = nets
-    raw = {role: accelerator.unwrap_model(net) for role, net in nets.items()}  # once: unwrapping probes for DeepSpeed
 
-    views = build_views(data.labeled.kind, data.labeled.input_shape, data.labeled.data["mean"], data.labeled.data["std"], cfg.data.augment)
-    workers = cfg.data.workers
-    labeled_stream = TrainStream(
-        data.labeled, labeled_batch, {method_cls.labeled_view: views[method_cls.labeled_view]}, rank, world, workers,
-        mix(cfg.data.seed, 1), cfg.data.shuffle_buffer, streams_state.get("labeled"), cfg.data.max_bad_fraction,
-    )
-    unlabeled_stream = None
-    if data.unlabeled is not None:
-        unlabeled_stream = TrainStream(
-            data.unlabeled, unlabeled_batch, {v: views[v] for v in method_cls.unlabeled_views}, rank, world, workers,
-            mix(cfg.data.seed, 2), cfg.data.shuffle_buffer, streams_state.get("unlabeled"), cfg.data.max_bad_fraction,
-        )
+def batched_views_wanted(cfg: Config) -> bool:
+    """data.augment.path: `auto` is the batched path, the faster one wherever it was measured (8x8
+    and 32x32 on CPU cores; README: Speed); both give the same views bit for bit."""
+    return cfg.data.augment.path in ("auto", "batched")
 
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-    accelerator.wait_for_everyone()
-    logger = RunLogger(run_dir, accelerator, total, state["step"])
-    if resume_from is not None:
-        if mine is not None:
-            logger.load_state_dict(mine["logger"])
-        layout = f" (saved by {saved_world} processes, continuing on {world})" if saved_world != world else ""
-        logger.line(f"resumed from {resume_from} at step {state['step']}{layout}")
-        changes = checkpoint.config_changes(resume_from, to_dict(cfg))
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.method_cls = method_cls = get_method(cfg.method.name)
+        self.data = data = load_run_data(cfg, method_cls)
+        self.accelerator = accelerator = make_accelerator(cfg.train.mixed_precision)
+        self.rank, self.world, self.device = accelerator.process_index, accelerator.num_processes, accelerator.device
+        self.run_dir = Path(cfg.train.output_dir)
+        self.identity = {
+            "method": cfg.method.name,
+            "model": role_model(cfg, method_cls.eval_role).name,
+            "num_classes": data.labeled.num_classes,
+            "input_shape": list(data.labeled.input_shape),
+        }
+        self.resume_from, saved = resume_point(cfg, self.run_dir / "checkpoints", self.identity)
+        self.saved_world = saved.get("world_size", self.world) if saved else self.world
+        start_step = int(saved["step"]) if saved else 0
+        self._build_networks()
+        self._build_streams()
+        if accelerator.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+        accelerator.wait_for_everyone()
+        self.logger = RunLogger(self.run_dir, accelerator, cfg.train.total_steps, start_step)
+        self.rng = checkpoint.RngState(mix(cfg.train.seed, 1, self.rank, start_step) % 2**32)
+        own = {"rng": self.rng, "streams": _StreamsPiece(self.streams), "method": checkpoint.RankPiece(self.method, "rank0"),
+               "logger": checkpoint.RankPiece(self.logger)}
+        meta = dict(self.identity, roles=list(method_cls.roles), eval_role=method_cls.eval_role, dataset=data.source,
+                    ema=bool(self.emas), mean=data.labeled.data["mean"], std=data.labeled.data["std"])
+        self.checkpointer = checkpoint.Checkpointer(
+            self.run_dir / "checkpoints", accelerator, self.raw, self.emas, self.optimizers, self.schedulers, own, meta,
+            yaml.safe_dump(to_dict(cfg), sort_keys=False), cfg.train.keep_last, cfg.train.steps_per_epoch)
+        self.state = {"step": 0, "wall_seconds": 0.0, "history": []}
+        if self.resume_from is not None:
+            self.state = self.checkpointer.restore(self.resume_from)
+            self._report_resume()
+        self._prepare()
+
+    # -- building ----------------------------------------------------------------------------------
+    def _build_networks(self) -> None:
+        cfg, data, method_cls = self.cfg, self.data, self.method_cls
+        torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+        total = cfg.train.total_steps
+        shape = data.labeled.input_shape
+        self.nets = {role: build_model(role_model(cfg, role), data.labeled.num_classes, shape) for role in method_cls.roles}
+        if cfg.train.init_from and self.resume_from is None:
+            _init_from(self.nets, cfg.train.init_from, cfg, data)
+        self.specs = method_cls.optimizer_specs(cfg)
+        for name, spec in self.specs.items():
+            if spec.wait_steps >= total:
+                raise UserError(f"optimizer '{name}' waits {spec.wait_steps} steps, but the run has only {total} (train.epochs x train.steps_per_epoch)")
+        self.optimizers = {name: build_optimizer(self.nets[spec.net], spec.optim) for name, spec in self.specs.items()}
+        self.schedulers = {name: build_scheduler(self.optimizers[name], total - spec.wait_steps, spec.optim) for name, spec in self.specs.items()}
+        self.emas = {}
+        if cfg.train.ema_decay > 0:  # of the evaluated network only (MPL: the student's, not the teacher's)
+            role = method_cls.eval_role
+            self.emas = {role: AveragedModel(self.nets[role], multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True)}
+        self.raw = dict(self.nets)  # the unwrapped networks: checkpoints and evaluation read these
+        self.method = method_cls(self.cfg, {}, data.labeled.num_classes)
+
+    def _build_streams(self) -> None:
+        cfg, data, method_cls = self.cfg, self.data, self.method_cls
+        labeled_batch = per_rank(cfg.data.batch_size, self.world, "data.batch_size")
+        unlabeled_batch = per_rank(cfg.data.batch_size * cfg.data.unlabeled_batch_ratio, self.world, "data.batch_size * data.unlabeled_batch_ratio")
+        if method_cls.unlabeled_views and unlabeled_batch == 0:
+            raise UserError(f"method '{cfg.method.name}' needs unlabeled data: set data.unlabeled_batch_ratio >= 1")
+        kind, shape, mean, std = data.labeled.kind, data.labeled.input_shape, data.labeled.data["mean"], data.labeled.data["std"]
+        self.views = build_views(kind, shape, mean, std, cfg.data.augment)
+        train_views = device_views.build_batched_views(kind, shape, mean, std, cfg.data.augment) if batched_views_wanted(cfg) else self.views
+        needed = {"labeled": (data.labeled, labeled_batch, (method_cls.labeled_view,), 1)}
+        if data.unlabeled is not None:
+            needed["unlabeled"] = (data.unlabeled, unlabeled_batch, method_cls.unlabeled_views, 2)
+        self.train_views = train_views
+        self.streams = {
+            name: TrainStream(manifest, batch, {v: train_views[v] for v in view_names}, self.rank, self.world, cfg.data.workers,
+                              mix(cfg.data.seed, salt), cfg.data.shuffle_buffer, None, cfg.data.max_bad_fraction)
+            for name, (manifest, batch, view_names, salt) in needed.items()
+        }
+
+    def _report_resume(self) -> None:
+        layout = f" (saved by {self.saved_world} processes, continuing on {self.world})" if self.saved_world != self.world else ""
+        self.logger.line(f"resumed from {self.resume_from} at step {self.state['step']}{layout}")
+        changes = checkpoint.config_changes(self.resume_from, to_dict(self.cfg))
         if changes:
-            logger.line(f"resuming with a changed config (the run will differ from the uninterrupted one): {'; '.join(changes)}")
+            self.logger.line(f"resuming with a changed config (the run will differ from the uninterrupted one): {'; '.join(changes)}")
 
-    optimize = Stepper(accelerator, nets, specs, optimizers, schedulers)
+    def _prepare(self) -> None:
+        """Hand the networks and optimizers to accelerate (DDP, mixed precision) and lay the
+        networks out as the run asks (train.channels_last)."""
+        accelerator = self.accelerator
+        check_deepspeed(accelerator.distributed_type, self.cfg.method.name, list(self.optimizers))
+        memory_format = torch.channels_last if self.cfg.train.channels_last and len(self.data.labeled.input_shape) == 3 else None
+        if memory_format is not None:
+            for net in self.nets.values():
+                net.to(memory_format=memory_format)
+        prepare_training(accelerator, self.nets, self.optimizers, self.specs, self.cfg.data.batch_size // self.world)
+        for role in self.nets:
+            self.raw[role] = accelerator.unwrap_model(self.nets[role])  # once: unwrapping probes for DeepSpeed
+        for ema in self.emas.values():
+            ema.to(self.device)
+        self.memory_format = memory_format
+        if self.cfg.train.compile:
+            self.nets = {role: torch.compile(net) for role, net in self.nets.items()}
+        self.method.nets = self.nets
+        self.optimize = Stepper(accelerator, self.nets, self.specs, self.optimizers, self.schedulers)
 
-    eval_net = emas[method_cls.eval_role] if emas else raw[method_cls.eval_role]
-    samples_per_step = cfg.data.batch_size + (cfg.data.batch_size * cfg.data.unlabeled_batch_ratio if unlabeled_stream else 0)
+    # -- the step ----------------------------------------------------------------------------------
+    def _views(self, batch: dict) -> dict[str, torch.Tensor]:
+        views = device_views.on_device(batch, self.train_views, self.device)
+        if self.memory_format is not None:
+            views = {name: x.contiguous(memory_format=self.memory_format) for name, x in views.items()}
+        return views
 
-    def run_eval(step: int) -> dict:
-        checkpoint.sync_buffers([*raw.values(), *emas.values()], accelerator)
+    def train_step(self, step: int, labeled: dict, unlabeled: dict | None) -> StepOutput:
+        """One step on one labeled (and unlabeled) batch: views on the device, the method's losses
+        and optimizer steps, the EMA, the metrics of the logging window."""
+        cfg, method_cls = self.cfg, self.method_cls
+        target = labeled.get("soft", labeled["label"])  # class probabilities on a split of soft pseudo-labels
+        batch = TrainBatch(self._views(labeled)[method_cls.labeled_view], target.to(self.device, non_blocking=True))
+        if unlabeled is not None:
+            batch.unlabeled = self._views(unlabeled)
+        rates = {"lr" if name == method_cls.eval_role else f"lr_{name}": s.get_last_lr()[0] for name, s in self.schedulers.items()}
+        self.optimize.step = step
+        out = self.method.train_step(batch, StepContext(step, step / cfg.train.steps_per_epoch, cfg.train.total_steps, self.optimize, self.optimize.reduce_sum))
+        for role, ema in self.emas.items():
+            ema.update_parameters(self.raw[role])
+        self.logger.accumulate(dict(out.metrics, **rates))
+        if out.pseudo_labels is not None and unlabeled is not None:
+            truth = unlabeled["truth"].to(out.pseudo_labels.device)  # monitoring only, never handed to the method
+            known = truth >= 0
+            correct = (out.pseudo_labels == truth) & known
+            used = out.mask & known
+            self.logger.accumulate_ratio("pseudo_label_accuracy", correct.sum(), known.sum())
+            self.logger.accumulate_ratio("pseudo_label_accuracy_used", (correct & used).sum(), used.sum())
+        self.logger.advance()
+        return out
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        cfg, total = self.cfg, self.cfg.train.total_steps
+        self.session_start, self.wall_before, start_step = time.time(), self.state["wall_seconds"], self.state["step"]
+        batches = {name: device_views.Prefetcher(loader(stream, cfg.data.workers), self.device) for name, stream in self.streams.items()}
+        self.rng.apply()  # after the loaders exist (see RngState)
+        boundary = preemption.StepBoundary(cfg.train, self.accelerator)
+        last_eval = None
+        window = (time.perf_counter(), 0.0, start_step)  # the logging window's start: clock, data wait, step
+        for step in range(start_step, total):
+            labeled = self.streams["labeled"].observe(batches["labeled"].next())
+            unlabeled = self.streams["unlabeled"].observe(batches["unlabeled"].next()) if "unlabeled" in batches else None
+            self.train_step(step, labeled, unlabeled)
+            done = step + 1
+            if done % cfg.train.log_every_steps == 0 or done == total:
+                window = self._flush(done, window, sum(b.waited for b in batches.values()))
+            if done % cfg.train.steps_per_epoch == 0 or done == total:
+                epoch = -(-done // cfg.train.steps_per_epoch)
+                if epoch % cfg.train.eval_every_epochs == 0 or done == total:
+                    last_eval = self.evaluate(done)
+                    self.logger.line(f"epoch {epoch}/{cfg.train.epochs} step {done}: test accuracy {last_eval['accuracy']:.4f} loss {last_eval['loss']:.4f}")
+            decision = boundary.decide(done)
+            if decision.checkpoint:
+                path = self.save(done, decision.checkpoint)
+            if decision.stop:
+                self.logger.close()
+                self.accelerator.wait_for_everyone()
+                raise preemption.Preempted(decision.stop, done, path)
+        self.data_wait_seconds = sum(b.waited for b in batches.values())
+        if last_eval is None:  # resumed at the end: report the finished run again
+            last_eval = self.evaluate(total)
+            self.save(total, "end")
+        return self.finish(last_eval, start_step)
+
+    def _flush(self, done: int, window: tuple[float, float, int], waited: float) -> tuple[float, float, int]:
+        """Log the window: its metrics, the corrupt fractions so far, images/s and the fraction of
+        the window spent waiting for data. Returns the next window's start."""
+        for name, stream in self.streams.items():  # cumulative, over all ranks
+            self.logger.accumulate_ratio(f"corrupt_fraction_{name}", stream.corrupt_samples, stream.samples_read)
+        started, waited_before, step_before = window
+        seconds = max(time.perf_counter() - started, 1e-9)
+        self.logger.accumulate({"images_per_second": (done - step_before) * self.samples_per_step / seconds,
+                                "data_wait_fraction": min((waited - waited_before) / seconds, 1.0)})
+        self.logger.flush(done)
+        return time.perf_counter(), waited, done
+
+    @property
+    def samples_per_step(self) -> int:
+        cfg = self.cfg
+        return cfg.data.batch_size + (cfg.data.batch_size * cfg.data.unlabeled_batch_ratio if "unlabeled" in self.streams else 0)
+
+    def evaluate(self, step: int) -> dict:
+        checkpoint.sync_buffers([*self.raw.values(), *self.emas.values()], self.accelerator)
+        eval_net = self.emas[self.method_cls.eval_role] if self.emas else self.raw[self.method_cls.eval_role]
         with torch.random.fork_rng(devices=[]):  # its DataLoader draws a seed: keep that out of the training RNG
-            result = evaluate(eval_net, data.test, views["plain"], accelerator, cfg.data.eval_batch_size, workers, cfg.data.max_bad_fraction)
-        logger.scalars("eval", {"accuracy": result["accuracy"], "loss": result["loss"]}, step)
-        state["history"].append({"step": step, "epoch": step / cfg.train.steps_per_epoch, **result})
+            result = evaluate(eval_net, self.data.test, self.views["plain"], self.accelerator, self.cfg.data.eval_batch_size,
+                              self.cfg.data.workers, self.cfg.data.max_bad_fraction)
+        self.logger.scalars("eval", {"accuracy": result["accuracy"], "loss": result["loss"]}, step)
+        self.state["history"].append({"step": step, "epoch": step / self.cfg.train.steps_per_epoch, **result})
         return result
 
-    def save_checkpoint(step: int, reason: str) -> Path:
+    def save(self, step: int, reason: str) -> Path:
         started = time.time()
-        state["step"] = step
-        state["wall_seconds"] = wall_before + started - session_start
-        checkpoint.sync_buffers([*raw.values(), *emas.values()], accelerator)
-        shared = checkpoint.snapshot(raw, emas, optimizers, schedulers, accelerator.scaler, state)
-        streams = {"labeled": labeled_stream.state_dict()}
-        if unlabeled_stream is not None:
-            streams["unlabeled"] = unlabeled_stream.state_dict()
-        own = {"rng": checkpoint.rng_state(), "streams": streams, "method": method.state_dict(), "logger": logger.state_dict()}
-        meta = dict(identity, roles=list(method_cls.roles), eval_role=method_cls.eval_role, world_size=world,
-                    epoch=step / cfg.train.steps_per_epoch, dataset=data.source, ema=bool(emas),
-                    mean=data.labeled.data["mean"], std=data.labeled.data["std"], reason=reason)
-        path = checkpoint.save(ckpt_root, step, accelerator, shared, own, meta, yaml.safe_dump(to_dict(cfg), sort_keys=False), cfg.train.keep_last)
-        logger.scalars("checkpoint", {"save_seconds": time.time() - started}, step)
+        self.state["step"] = step
+        self.state["wall_seconds"] = self.wall_before + started - self.session_start
+        path = self.checkpointer.save(step, self.state, reason)
+        self.logger.scalars("checkpoint", {"save_seconds": time.time() - started}, step)
         return path
 
-    session_start, wall_before, start_step = time.time(), state["wall_seconds"], state["step"]
-    train_streams = {"labeled": labeled_stream, "unlabeled": unlabeled_stream} if unlabeled_stream else {"labeled": labeled_stream}
-    labeled_batches = iter(loader(labeled_stream, workers))
-    unlabeled_batches = iter(loader(unlabeled_stream, workers)) if unlabeled_stream is not None else None
-    # Creating a DataLoader iterator draws a seed from the global RNG: set each rank's RNGs (python,
-    # numpy, torch, CUDA: all that a checkpoint saves) after that, or a resumed run would drift.
-    if mine is not None:
-        checkpoint.set_rng_state(mine["rng"])
-    else:  # a fresh run, or a rank the saved run did not have
-        set_seed(mix(cfg.train.seed, 1, rank, state["step"]) % 2**32)
-    boundary = preemption.StepBoundary(cfg.train, accelerator)
-    stopped = None
-    last_eval = None
-    for step in range(start_step, total):
-        labeled = labeled_stream.observe(next(labeled_batches))
-        target = labeled.get("soft", labeled["label"])  # class probabilities on a split of soft pseudo-labels
-        batch = TrainBatch(labeled["inputs"][method_cls.labeled_view].to(device, non_blocking=True), target.to(device, non_blocking=True))
-        truth = None
-        if unlabeled_batches is not None:
-            unlabeled = unlabeled_stream.observe(next(unlabeled_batches))
-            batch.unlabeled = {v: unlabeled["inputs"][v].to(device, non_blocking=True) for v in method_cls.unlabeled_views}
-            truth = unlabeled["truth"]  # stays here: monitoring only, never handed to the method
-        rates = {"lr" if name == method_cls.eval_role else f"lr_{name}": schedulers[name].get_last_lr()[0] for name in schedulers}
-        optimize.step = step
-        out = method.train_step(batch, StepContext(step, step / cfg.train.steps_per_epoch, total, optimize, optimize.reduce_sum))
-        for role, ema in emas.items():
-            ema.update_parameters(raw[role])
-        logger.accumulate(dict(out.metrics, **rates))
-        if out.pseudo_labels is not None and truth is not None:
-            known = truth >= 0
-            correct = (out.pseudo_labels.cpu() == truth) & known
-            used = out.mask.cpu() & known
-            logger.accumulate_ratio("pseudo_label_accuracy", correct.sum(), known.sum())
-            logger.accumulate_ratio("pseudo_label_accuracy_used", (correct & used).sum(), used.sum())
-        logger.advance()
-        done = step + 1
-        if done % cfg.train.log_every_steps == 0 or done == total:
-            for name, stream in train_streams.items():  # cumulative, over all ranks
-                logger.accumulate_ratio(f"corrupt_fraction_{name}", stream.corrupt_samples, stream.samples_read)
-            logger.flush(done)
-        if done % cfg.train.steps_per_epoch == 0 or done == total:
-            epoch = -(-done // cfg.train.steps_per_epoch)
-            if epoch % cfg.train.eval_every_epochs == 0 or done == total:
-                last_eval = run_eval(done)
-                logger.line(f"epoch {epoch}/{cfg.train.epochs} step {done}: test accuracy {last_eval['accuracy']:.4f} loss {last_eval['loss']:.4f}")
-        decision = boundary.decide(done)
-        if decision.checkpoint:
-            path = save_checkpoint(done, decision.checkpoint)
-        if decision.stop:
-            stopped = preemption.Preempted(decision.stop, done, path)
-            break
-    if stopped is not None:
-        logger.close()
-        accelerator.wait_for_everyone()
-        raise stopped
-    if last_eval is None:  # resumed at the end: report the finished run again
-        last_eval = run_eval(total)
-        save_checkpoint(total, "end")
-    session_seconds = time.time() - session_start
-    corrupt = torch.tensor([s.corrupt_samples for s in train_streams.values()], dtype=torch.float64, device=device)
-    if world > 1:
-        corrupt = accelerator.reduce(corrupt, "sum")
-    results = {
-        "method": cfg.method.name,
-        "dataset": data.source,
-        "labels": data.labeled.num_samples,
-        "labels_per_class": data.labeled.data.get("protocol", {}).get("labels_per_class"),
-        "test_accuracy": last_eval["accuracy"],
-        "test_loss": last_eval["loss"],
-        "best_test_accuracy": max(h["accuracy"] for h in state["history"]),
-        "evaluated_weights": "ema" if emas else "raw",
-        "steps": total,
-        "world_size": world,
-        "launch": launch_facts(accelerator),
-        "wall_seconds": wall_before + session_seconds,
-        "train_samples_per_second": (total - start_step) * samples_per_step / session_seconds if total > start_step else None,
-        "corrupt_samples": {name: int(n) for name, n in zip(train_streams, corrupt.tolist())},
-        "run_dir": str(run_dir),
-    }
-    if accelerator.is_main_process:
-        checkpoint.atomic_write_text(run_dir / "results.json", json.dumps(results, indent=1))
-        logger.line(f"{cfg.method.name}: test accuracy {results['test_accuracy']:.4f} ({run_dir / 'results.json'})")
-    logger.close()
-    accelerator.wait_for_everyone()
-    if cfg.train.finetune.epochs > 0:
-        tuned = train(finetune_config(cfg, checkpoint.latest(ckpt_root), data.labeled.num_samples))
-        results["finetuned"] = {k: tuned[k] for k in ("test_accuracy", "test_loss", "best_test_accuracy", "steps", "wall_seconds", "run_dir")}
+    def finish(self, last_eval: dict, start_step: int) -> dict:
+        cfg, data, total, accelerator = self.cfg, self.data, self.cfg.train.total_steps, self.accelerator
+        session_seconds = time.time() - self.session_start
+        corrupt = torch.tensor([s.corrupt_samples for s in self.streams.values()], dtype=torch.float64, device=self.device)
+        if self.world > 1:
+            corrupt = accelerator.reduce(corrupt, "sum")
+        results = {
+            "method": cfg.method.name,
+            "dataset": data.source,
+            "labels": data.labeled.num_samples,
+            "labels_per_class": data.labeled.data.get("protocol", {}).get("labels_per_class"),
+            "test_accuracy": last_eval["accuracy"],
+            "test_loss": last_eval["loss"],
+            "best_test_accuracy": max(h["accuracy"] for h in self.state["history"]),
+            "evaluated_weights": "ema" if self.emas else "raw",
+            "steps": total,
+            "world_size": self.world,
+            "launch": launch_facts(self.accelerator),
+            "wall_seconds": self.wall_before + session_seconds,
+            "train_samples_per_second": (total - start_step) * self.samples_per_step / session_seconds if total > start_step else None,
+            "data_wait_fraction": self.data_wait_seconds / session_seconds if total > start_step else None,
+            "corrupt_samples": {name: int(n) for name, n in zip(self.streams, corrupt.tolist())},
+            "run_dir": str(self.run_dir),
+        }
         if accelerator.is_main_process:
-            checkpoint.atomic_write_text(run_dir / "results.json", json.dumps(results, indent=1))
+            checkpoint.atomic_write_text(self.run_dir / "results.json", json.dumps(results, indent=1))
+            self.logger.line(f"{cfg.method.name}: test accuracy {results['test_accuracy']:.4f} ({self.run_dir / 'results.json'})")
+        self.logger.close()
         accelerator.wait_for_everyone()
+        return results
+
+
+class _StreamsPiece:
+    """The run's training streams (labeled, unlabeled) as one piece of the rank file."""
+
+    def __init__(self, streams: dict[str, TrainStream]):
+        self.streams = streams
+
+    def state_dict(self) -> dict:
+        return {name: stream.state_dict() for name, stream in self.streams.items()}
+
+    def restore(self, own: dict | None, every_rank) -> None:
+        for name, stream in self.streams.items():
+            stream.restore(own[name] if own is not None else None, lambda name=name: [states[name] for states in every_rank()])
+
+
+def train(cfg: Config) -> dict:
+    """Train, resuming from the newest committed checkpoint of train.output_dir; then fine-tune on
+    the labels when train.finetune.epochs > 0 (an ordinary run in output_dir/finetune)."""
+    trainer = Trainer(cfg)
+    results = trainer.fit()
+    if cfg.train.finetune.epochs > 0:
+        tuned = train(finetune_config(cfg, checkpoint.latest(trainer.run_dir / "checkpoints"), trainer.data.labeled.num_samples))
+        results["finetuned"] = {k: tuned[k] for k in ("test_accuracy", "test_loss", "best_test_accuracy", "steps", "wall_seconds", "run_dir")}
+        if trainer.accelerator.is_main_process:
+            checkpoint.atomic_write_text(trainer.run_dir / "results.json", json.dumps(results, indent=1))
+        trainer.accelerator.wait_for_everyone()
     return results

@@ -29,8 +29,8 @@ class BasicBlock(nn.Module):
         self.activate_shortcut = activate_shortcut
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        activated = F.leaky_relu(self.bn1(x), 0.1)
-        out = self.conv2(F.leaky_relu(self.bn2(self.conv1(activated)), 0.1))
+        activated = F.leaky_relu(self.bn1(x), 0.1, inplace=True)  # batch norm's backward does not read its output
+        out = self.conv2(F.leaky_relu(self.bn2(self.conv1(activated)), 0.1, inplace=True))
         if self.shortcut is None:
             return x + out
         return self.shortcut(activated if self.activate_shortcut else x) + out
@@ -66,7 +66,7 @@ class WideResNet(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.leaky_relu(self.bn(self.blocks(self.stem(x))), 0.1)
+        x = F.leaky_relu(self.bn(self.blocks(self.stem(x))), 0.1, inplace=True)
         return self.fc(self.dropout(F.adaptive_avg_pool2d(x, 1).flatten(1)))
 
 
