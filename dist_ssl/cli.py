@@ -1,4 +1,4 @@
-"""`dist-ssl` command line: shards, train, evaluate, pseudo-label, select, pipeline, demo.
+"""`dist-ssl` command line: shards, train, evaluate, report, pseudo-label, select, pipeline, demo.
 
 Every user error ends as one line on stderr (`dist-ssl: error: ...`) and exit code 2. A training run
 stopped by SIGTERM/SIGUSR1 commits a checkpoint and exits with 75: run the same command to resume.
@@ -91,6 +91,13 @@ def _evaluate(args) -> int:
         print(f"accuracy {result['accuracy']:.4f}  loss {result['loss']:.4f}  ({result['samples']} samples, {result['weights']} weights, {result['checkpoint']})")
         if args.json:
             print(json.dumps(result))
+    return 0
+
+
+def _report_run(args) -> int:
+    from dist_ssl.report import write_report
+
+    print(f"wrote {write_report(args.run_dir, args.out, args.shards)}")
     return 0
 
 
@@ -197,6 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--weights", choices=("auto", "ema", "raw"), default="auto")
     evaluate.add_argument("--json", action="store_true", help="also print the result as JSON")
     evaluate.set_defaults(func=_evaluate)
+
+    report = commands.add_parser("report", help="PNG curves, a 3x3 grid of test predictions and report.md of a run")
+    report.add_argument("run_dir", help="a run folder (train.output_dir)")
+    report.add_argument("--out", help="folder for report.md and the PNGs (default: RUN_DIR/report)")
+    report.add_argument("--shards", help="dataset folder or test split for the predictions (default: the run's data.shards)")
+    report.set_defaults(func=_report_run)
 
     label = commands.add_parser("pseudo-label", help="predict every sample of a pool once (also under `accelerate launch`)")
     label.add_argument("checkpoint", help="step-N folder, or a run folder (its newest committed checkpoint)")

@@ -1,4 +1,5 @@
-"""The embedded demo: digits with 5 labels per class, three methods on N processes, one table."""
+"""The embedded demo: digits with 5 labels per class, three methods on N processes, one table and
+one `dist-ssl report` per run."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 
 from dist_ssl.errors import UserError
+from dist_ssl.report import write_report
 
 METHODS = ("supervised", "pseudo_label", "fixmatch")
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "digits"
@@ -52,6 +54,7 @@ def run_demo(out: str | None, shards: str, processes: int) -> int:
             return code
         results = json.loads((run_dir / "results.json").read_text())
         rows.append((method, results, time.time() - started))
+        print(f"report: {write_report(run_dir)}", flush=True)
     print(f"\ndigits, {rows[0][1]['labels']} labels ({rows[0][1]['labels_per_class']} per class), {processes} process(es)")
     print(f"{'method':<14}{'test acc':>10}{'best':>8}{'steps':>7}{'samples/s':>11}{'wall s':>8}")
     for method, results, seconds in rows:

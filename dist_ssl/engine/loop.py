@@ -28,7 +28,7 @@ from dist_ssl.data.shards import Manifest, load_manifest
 from dist_ssl.data.streams import TrainStream, loader, mix
 from dist_ssl.data.transforms import build_views
 from dist_ssl.engine import checkpoint, preemption
-from dist_ssl.engine.accelerator import keep_freed_memory, make_accelerator
+from dist_ssl.engine.accelerator import keep_freed_memory, launch_facts, make_accelerator, prepare_training
 from dist_ssl.engine.evaluate import evaluate
 from dist_ssl.engine.finetune import finetune_config
 from dist_ssl.engine.logging import RunLogger
@@ -240,13 +240,12 @@ class Trainer:
         accelerator = self.accelerator
         check_deepspeed(accelerator.distributed_type, self.cfg.method.name, list(self.optimizers))
         memory_format = torch.channels_last if self.cfg.train.channels_last and len(self.data.labeled.input_shape) == 3 else None
+        if memory_format is not None:
+            for net in self.nets.values():
+                net.to(memory_format=memory_format)
+        prepare_training(accelerator, self.nets, self.optimizers, self.specs, self.cfg.data.batch_size // self.world)
         for role in self.nets:
-            if memory_format is not None:
-                self.nets[role].to(memory_format=memory_format)
-            self.nets[role] = accelerator.prepare(self.nets[role])
             self.raw[role] = accelerator.unwrap_model(self.nets[role])  # once: unwrapping probes for DeepSpeed
-        for name in self.optimizers:
-            self.optimizers[name] = accelerator.prepare(self.optimizers[name])
         for ema in self.emas.values():
             ema.to(self.device)
         self.memory_format = memory_format
@@ -372,6 +371,7 @@ class Trainer:
             "evaluated_weights": "ema" if self.emas else "raw",
             "steps": total,
             "world_size": self.world,
+            "launch": launch_facts(self.accelerator),
             "wall_seconds": self.wall_before + session_seconds,
             "train_samples_per_second": (total - start_step) * self.samples_per_step / session_seconds if total > start_step else None,
             "data_wait_fraction": self.data_wait_seconds / session_seconds if total > start_step else None,
