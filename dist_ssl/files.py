@@ -35,9 +35,14 @@ def revoke(reason: str) -> None:
 
 
 def revoke_when(check: Callable[[], str | None]) -> None:
-    """Also ask `check()` right before each publish (the launcher watchdog's parent test: the thread
-    that acts on it polls, this closes the gap between two polls)."""
+    """Also ask `check()` right before each publish (is the launcher still there, is the run lock still
+    ours): the threads that act on these poll, this closes the gap between two polls."""
     _still_owner.append(check)
+
+
+def stop_asking(check: Callable[[], str | None]) -> None:
+    if check in _still_owner:
+        _still_owner.remove(check)
 
 
 def revoked() -> str | None:
@@ -70,7 +75,8 @@ def writing(path: Path) -> Iterator[None]:
         error = os_error(exc)
         if error is None:
             raise
-        raise CannotWrite(f"cannot write {error.filename or path}: {error.strerror or error}") from exc
+        name = error.filename if error.filename and not str(error.filename).startswith(f"{path}.") else path  # not a temporary name
+        raise CannotWrite(f"cannot write {name}: {error.strerror or error}") from exc
 
 
 def fsync_dir(path: Path) -> None:

@@ -87,3 +87,28 @@ def test_a_refused_write_names_the_target_and_leaves_no_temporary_file(tmp_path,
     with pytest.raises(files.CannotWrite, match=f"^cannot write {tmp_path / 'model.pt'}: No space left on device$"):
         files.atomic_write(tmp_path / "model.pt", full_disk)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_two_ranks_agree_on_a_full_disk_and_leave_no_partial_checkpoint(digits_shards, tmp_path, can_mount):
+    """A rank that cannot write its part makes every rank stop at the same checkpoint, and rank 0
+    remove the partial folder (no rank waits forever at a barrier for a file that never comes)."""
+    from tests.conftest import accelerate_command
+
+    disk, kept = tmp_path / "disk", tmp_path / "kept"
+    disk.mkdir()
+    kept.mkdir()
+    launch = " ".join(accelerate_command(2, *train_command(digits_shards, disk / "run").split()[3:]))
+    script = f'''
+        mount -t tmpfs -o size=1200k tmpfs "$1" || exit 99
+        {launch} > "$2/out" 2>&1; echo $? > "$2/rc"
+        cp -a "$1/run" "$2/run"
+    '''
+    done = private_mounts(script, str(disk), str(kept))
+    assert done.returncode == 0, done.stderr
+    out = (kept / "out").read_text()
+    assert int((kept / "rc").read_text()) == 1, out  # torchrun's verdict on a rank's exit 2
+    lines = [line for line in out.splitlines() if line.startswith("dist-ssl:")]
+    assert len(lines) == 1 and "cannot write" in lines[0] and lines[0].endswith("No space left on device"), out
+    folders = sorted((kept / "run" / "checkpoints").iterdir())
+    assert folders and all((f / checkpoint.MARKER).is_file() for f in folders), [f.name for f in folders]

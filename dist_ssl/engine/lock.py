@@ -175,6 +175,7 @@ class RunLock:
                 raise Locked(f"{self.folder}: could not take {self.path}; another run is starting there")
         self._thread = threading.Thread(target=self._beat, name="run-lock-heartbeat", daemon=True)
         self._thread.start()
+        files.revoke_when(self._taken_from_us)
         return taken_over
 
     def _take_over(self, record: dict) -> bool:
@@ -207,16 +208,23 @@ class RunLock:
             except OSError:
                 pass  # a full or read-only disk shows up at the next checkpoint, with its reason
 
-    def check(self) -> None:
-        """Does the file still hold our token? If not, publish nothing more (files.revoke)."""
+    def _taken_from_us(self) -> str | None:
+        """Why the lock is no longer ours, or None; one small read (before each publish, each beat)."""
         record = _read(self.path)
         if record is not None and record.get("token") == self.token:
-            return
+            return None
         holder = describe(record) if record is not None else "nobody: the file is gone"
-        self.lost = f"the run lock {self.path} was taken over (now held by {holder})"
-        files.revoke(self.lost)
+        return f"the run lock {self.path} was taken over (now held by {holder})"
+
+    def check(self) -> None:
+        """Does the file still hold our token? If not, publish nothing more (files.revoke)."""
+        lost = self._taken_from_us()
+        if lost is not None:
+            self.lost = lost
+            files.revoke(lost)
 
     def release(self) -> None:
+        files.stop_asking(self._taken_from_us)
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
