@@ -112,3 +112,26 @@ def test_two_ranks_agree_on_a_full_disk_and_leave_no_partial_checkpoint(digits_s
     assert len(lines) == 1 and "cannot write" in lines[0] and lines[0].endswith("No space left on device"), out
     folders = sorted((kept / "run" / "checkpoints").iterdir())
     assert folders and all((f / checkpoint.MARKER).is_file() for f in folders), [f.name for f in folders]
+
+
+def test_a_refused_lock_file_is_one_line_and_exit_2_where_nothing_can_be_mounted(digits_shards, tmp_path, monkeypatch, capsys):
+    """The same verdict as on the read-only tmpfs above, for machines where mounting is not allowed:
+    the disk refuses the lock file, the first file a command writes in its folder."""
+    import errno
+
+    from dist_ssl import cli
+
+    run = tmp_path / "run"
+    real_open = os.open
+
+    def read_only_below_run(path, flags, *args, **kwargs):
+        if str(path).startswith(str(run)) and flags & os.O_CREAT:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only_below_run)
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["train", str(REPO / "configs" / "digits" / "supervised.yaml"), f"data.shards={digits_shards}", f"train.output_dir={run}"])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"dist-ssl: error: cannot write {run / 'dist-ssl.lock'}: Read-only file system"]
+    assert not run.exists()  # made for the lock, removed with it

@@ -148,6 +148,13 @@ class RunLock:
 
     def acquire(self) -> str | None:
         """Take the lock; returns a line to print when a stale lock was taken over."""
+        try:
+            return self._acquire()
+        except BaseException:
+            self._remove_made_folders()
+            raise
+
+    def _acquire(self) -> str | None:
         for outer in self.folder.resolve().parents:
             record = _read(outer / LOCK)
             if record is not None and "token" in record and stale_reason(record) is None:
@@ -231,6 +238,9 @@ class RunLock:
         record = _read(self.path)
         if record is not None and record.get("token") == self.token:
             self.path.unlink(missing_ok=True)
+        self._remove_made_folders()
+
+    def _remove_made_folders(self) -> None:
         for folder in self._made:
             try:
                 folder.rmdir()
