@@ -1,18 +1,24 @@
 """`dist-ssl` command line: shards, train, evaluate, report, pseudo-label, select, pipeline, demo.
 
-Every user error ends as one line on stderr (`dist-ssl: error: ...`) and exit code 2. A training run
-stopped by SIGTERM/SIGUSR1 commits a checkpoint and exits with 75: run the same command to resume.
-Under `accelerate launch`, errors every rank would raise alike are printed by rank 0 only.
+Every user error ends as one line on stderr (`dist-ssl: error: ...`) and exit code 2, a disk that
+refuses a write included. A training run stopped by SIGTERM/SIGUSR1 commits a checkpoint, leaves a
+`PREEMPTED` file in its folder and exits with 75: run the same command to resume. Commands that
+write a run folder hold its lock (engine/lock.py). Under `accelerate launch`, errors every rank
+would raise alike are printed by rank 0 only.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
+from pathlib import Path
 
 from dist_ssl.errors import UserError
+
+PREEMPTED = "PREEMPTED"  # in a run folder: the last session stopped on a signal, the same command resumes it
 
 
 class _Parser(argparse.ArgumentParser):
@@ -52,7 +58,7 @@ def _shards_verify(args) -> int:
     from dist_ssl.data.shards import one_torch_thread, verify
 
     one_torch_thread()
-    reports = verify(args.folder, args.workers)
+    reports = verify(args.folder, args.workers, allow_pipe=args.allow_pipe)
     bad = [r for r in reports if r.problems]
     for report in reports:
         if not report.problems:
@@ -72,21 +78,37 @@ def _train(args) -> int:
     # so that a signal during the seconds of imports below does not kill the process.
     preemption.install()
     from dist_ssl.config import load_config
+    from dist_ssl.engine.lock import run_lock
     from dist_ssl.engine.loop import train
 
-    try:
-        train(load_config(args.config, args.overrides))
-    except preemption.Preempted as stopped:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"dist-ssl: {stopped} (exit {preemption.REQUEUE_EXIT_CODE})", file=sys.stderr, flush=True)
-        return preemption.REQUEUE_EXIT_CODE
+    cfg = load_config(args.config, args.overrides)
+    run = Path(cfg.train.output_dir)
+    main = int(os.environ.get("RANK", "0")) == 0
+    with run_lock(run):  # the fine-tune stage writes into run/finetune: covered
+        marker = run / PREEMPTED
+        if main and marker.exists():  # this session decides anew how the run ends
+            from dist_ssl.files import writing
+
+            with writing(marker):
+                marker.unlink()
+        try:
+            train(cfg)
+        except preemption.Preempted as stopped:
+            if main:
+                from dist_ssl.files import atomic_write_json
+
+                # What a requeue wrapper reads whatever the launcher made of the ranks' exit 75.
+                atomic_write_json(marker, {"preempted": True, "resumable_at_step": stopped.step, "checkpoint": str(stopped.checkpoint),
+                                           "signal": stopped.signal_name, "exit_code": preemption.REQUEUE_EXIT_CODE})
+                print(f"dist-ssl: {stopped} (exit {preemption.REQUEUE_EXIT_CODE})", file=sys.stderr, flush=True)
+            return preemption.REQUEUE_EXIT_CODE
     return 0
 
 
 def _evaluate(args) -> int:
     from dist_ssl.engine.evaluate import evaluate_checkpoint
 
-    result = evaluate_checkpoint(args.checkpoint, args.shards, args.split, args.batch_size, args.weights)
+    result = evaluate_checkpoint(args.checkpoint, args.shards, args.split, args.batch_size, args.weights, allow_pipe=args.allow_pipe)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"accuracy {result['accuracy']:.4f}  loss {result['loss']:.4f}  ({result['samples']} samples, {result['weights']} weights, {result['checkpoint']})")
         if args.json:
@@ -103,29 +125,36 @@ def _report_run(args) -> int:
 
 def _pseudo_label(args) -> int:
     from dist_ssl.config import InferenceConfig
+    from dist_ssl.engine.lock import run_lock
     from dist_ssl.inference.pseudo_label import pseudo_label
 
     cfg = InferenceConfig(top_p=args.top_p, batch_size=args.batch_size, workers=args.workers, weights=args.weights, precision=args.precision,
-                          max_bad_fraction=args.max_bad_fraction)
-    pseudo_label(args.checkpoint, args.shards, args.out, cfg)
+                          max_bad_fraction=args.max_bad_fraction, allow_pipe=args.allow_pipe)
+    with run_lock(args.out):
+        pseudo_label(args.checkpoint, args.shards, args.out, cfg)
     return 0
 
 
 def _select(args) -> int:
     from dist_ssl.config import SelectConfig
+    from dist_ssl.engine.lock import run_lock
     from dist_ssl.inference.select import select
 
     cfg = SelectConfig(policy=args.policy, top_k=args.top_k, threshold=args.threshold, sample_rate=args.sample_rate,
                        soft=args.soft, maxcount=args.maxcount)
-    select(args.predictions, args.out, cfg, args.include_labeled)
+    with run_lock(args.out):
+        select(args.predictions, args.out, cfg, args.include_labeled, allow_pipe=args.allow_pipe)
     return 0
 
 
 def _pipeline(args) -> int:
     from dist_ssl.config import load_pipeline_config
+    from dist_ssl.engine.lock import run_lock
     from dist_ssl.pipeline import run_pipeline
 
-    run_pipeline(load_pipeline_config(args.config, args.overrides))
+    cfg = load_pipeline_config(args.config, args.overrides)
+    with run_lock(cfg.output_dir):  # every stage lives under output_dir
+        run_pipeline(cfg)
     return 0
 
 
@@ -161,6 +190,10 @@ def _demo(args) -> int:
     return run_demo(args.out, args.shards, args.processes)
 
 
+ALLOW_PIPE_HELP = ("open shard URLs of the manifests that run a command (pipe:), or lie outside the split folder; "
+                   "refused by default: a dataset folder from someone else must not run anything")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from dist_ssl.data.shards import DEFAULT_MAXCOUNT, DEFAULT_MAXSIZE, ENCODINGS
     from dist_ssl.data.sources import SOURCES
@@ -189,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     check = shard_commands.add_parser("verify", help="check every shard against its manifest (hash, count, decoding, labels)")
     check.add_argument("folder", help="dataset folder, or one split's folder")
     check.add_argument("--workers", type=int, default=1, help="processes checking shards in parallel")
+    check.add_argument("--allow-pipe", action="store_true", help=ALLOW_PIPE_HELP)
     check.set_defaults(func=_shards_verify)
 
     train = commands.add_parser("train", help="train a method (also under `accelerate launch -m dist_ssl train`)")
@@ -203,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=256)
     evaluate.add_argument("--weights", choices=("auto", "ema", "raw"), default="auto")
     evaluate.add_argument("--json", action="store_true", help="also print the result as JSON")
+    evaluate.add_argument("--allow-pipe", action="store_true", help=ALLOW_PIPE_HELP)
     evaluate.set_defaults(func=_evaluate)
 
     report = commands.add_parser("report", help="PNG curves, a 3x3 grid of test predictions and report.md of a run")
@@ -223,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="auto: bf16 on GPUs (fp16 where bf16 is missing), fp32 on CPU")
     label.add_argument("--max-bad-fraction", type=float, default=0.01,
                        help="corrupt samples are skipped and listed; a reader fails past this fraction (0.01)")
+    label.add_argument("--allow-pipe", action="store_true", help=ALLOW_PIPE_HELP)
     label.set_defaults(func=_pseudo_label)
 
     choose = commands.add_parser("select", help="pseudo-labeled samples -> a labeled split that `train` reads (data.labeled=DIR)")
@@ -235,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     choose.add_argument("--soft", action="store_true", help="keep the class probabilities as soft targets")
     choose.add_argument("--include-labeled", metavar="SPLIT", help="also copy this labeled split in (self-training)")
     choose.add_argument("--maxcount", type=_at_least(1), default=10000, help="samples per written shard (10000)")
+    choose.add_argument("--allow-pipe", action="store_true", help=ALLOW_PIPE_HELP)
     choose.set_defaults(func=_select)
 
     pipe = commands.add_parser("pipeline", help="teacher -> pseudo-labels -> top-K -> student -> fine-tune (resumable)")
@@ -257,7 +294,15 @@ def _report(exc: UserError) -> None:
         print(f"dist-ssl: error: {prefix}{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr, flush=True)
 
 
+# What a disk says when it refuses a write; anything else stays a bug with its traceback.
+DISK_REFUSED = frozenset({errno.EROFS, errno.ENOSPC, errno.EDQUOT})
+
+
 def main(argv: list[str] | None = None) -> None:
+    from dist_ssl.engine import watchdog
+    from dist_ssl.files import os_error
+
+    watchdog.install()  # a rank of torchrun ends with it
     code = 0
     try:
         args = build_parser().parse_args(argv)
@@ -267,6 +312,14 @@ def main(argv: list[str] | None = None) -> None:
         code = 2
     except KeyboardInterrupt:
         code = 130
+    except Exception as exc:
+        # A write outside dist_ssl.files (TensorBoard's event files, a tar being written) hit a full
+        # or read-only disk: the same one line as the writes that dist_ssl.files makes.
+        error = os_error(exc)
+        if error is None or error.errno not in DISK_REFUSED:
+            raise
+        _report(UserError(f"cannot write {error.filename or 'the output folder'}: {error.strerror}"))
+        code = 2
     finally:
         if "torch" in sys.modules:  # leave a process group cleanly (accelerate launch warns otherwise)
             import torch.distributed as dist

@@ -58,6 +58,9 @@ class DataConfig:
     shuffle_buffer: int = 2000  # samples; a shard smaller than this is fully permuted
     seed: int = 0  # drives shard order, shuffling and per-sample augmentation
     max_bad_fraction: float = 0.01  # corrupt samples are skipped; a reader fails past this fraction (0 = fail on the first)
+    # Shard URLs in the manifests that run a command (pipe:) or lie outside their split folder are
+    # refused unless true: a dataset folder from someone else must not run anything.
+    allow_pipe: bool = False
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self):
@@ -323,6 +326,7 @@ class InferenceConfig:
     weights: Literal["auto", "ema", "raw"] = "auto"  # auto: the EMA when the checkpoint has one
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPUs (fp16 without bf16), fp32 on CPU
     max_bad_fraction: float = 0.01  # corrupt samples are skipped (and listed); a reader fails past this fraction
+    allow_pipe: bool = False  # the pool's manifest may name pipe: URLs / shards outside its folder (see data.allow_pipe)
 
     def __post_init__(self):
         _check(self.top_p >= 1, "pseudo_label.top_p", "must be >= 1")
@@ -367,6 +371,7 @@ class PipelineConfig:
     shards: str = ""  # dataset folder written by `dist-ssl shards write`
     rounds: int = 1
     finetune_on_labels: bool = True  # stage 5; off for plain self-training rounds (seeds 000, 001)
+    allow_pipe: bool = False  # every stage may open pipe: URLs / shards outside their folders (see data.allow_pipe)
     teacher: Config = field(default_factory=Config)
     pseudo_label: InferenceConfig = field(default_factory=InferenceConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
@@ -562,4 +567,6 @@ def config_from_dict(data: dict) -> Config:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    from dist_ssl.files import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))

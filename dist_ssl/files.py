@@ -1,13 +1,82 @@
 """Durable writes for every file another process or a later run trusts: shard manifests,
 checkpoints, pseudo-label outputs, results. Write a temporary sibling, fsync it, rename it into
-place, fsync the folder: a reader sees the old file or the whole new one, never a part."""
+place, fsync the folder: a reader sees the old file or the whole new one, never a part.
+
+A write that the disk refuses (read-only, full, over quota, no permission) is a `CannotWrite`: one
+line `cannot write PATH: REASON`, exit 2, and no temporary file left behind. A process that no longer
+owns its run (the run lock was taken over, the launcher died: `revoke`) publishes nothing more."""
 
 from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
+
+from dist_ssl.errors import UserError
+
+_revoked: str | None = None  # why this process may no longer publish files (engine/lock.py, engine/watchdog.py)
+_still_owner: list[Callable[[], str | None]] = []  # asked before each publish: a reason to refuse, or None
+
+
+class CannotWrite(UserError):
+    """The output folder refuses a write: a read-only or full disk, a quota, missing permission."""
+
+
+class Revoked(UserError):
+    """This process lost the right to write its run folder; nothing it still has is published."""
+
+
+def revoke(reason: str) -> None:
+    """From now on every `atomic_write` of this process refuses to publish (why: `reason`)."""
+    global _revoked
+    _revoked = reason
+
+
+def revoke_when(check: Callable[[], str | None]) -> None:
+    """Also ask `check()` right before each publish (is the launcher still there, is the run lock still
+    ours): the threads that act on these poll, this closes the gap between two polls."""
+    _still_owner.append(check)
+
+
+def stop_asking(check: Callable[[], str | None]) -> None:
+    if check in _still_owner:
+        _still_owner.remove(check)
+
+
+def revoked() -> str | None:
+    for check in _still_owner:
+        reason = check()
+        if reason is not None:
+            revoke(reason)
+    return _revoked
+
+
+def os_error(exc: BaseException) -> OSError | None:
+    """The OSError behind `exc`: torch.save's zip writer turns a failed write (ENOSPC) into
+    `RuntimeError: ... unexpected pos`, with the OSError only as its context."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, OSError):
+            return exc
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
+
+
+@contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Turn the disk refusing a write below `path` into one clear CannotWrite."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as exc:
+        error = os_error(exc)
+        if error is None:
+            raise
+        name = error.filename if error.filename and not str(error.filename).startswith(f"{path}.") else path  # not a temporary name
+        raise CannotWrite(f"cannot write {name}: {error.strerror or error}") from exc
 
 
 def fsync_dir(path: Path) -> None:
@@ -29,11 +98,19 @@ def atomic_write(path: Path, write: Callable) -> None:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
+        if revoked() is not None:
+            raise Revoked(f"not writing {path}: {_revoked}")
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+        fsync_dir(path.parent)
+    except BaseException as exc:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        error = os_error(exc) if isinstance(exc, Exception) and not isinstance(exc, UserError) else None
+        if error is not None:  # the target's name, not the temporary one's
+            raise CannotWrite(f"cannot write {path}: {error.strerror or error}") from exc
         raise
-    fsync_dir(path.parent)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

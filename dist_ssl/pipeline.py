@@ -38,7 +38,7 @@ def _stage(cfg: Config, pipeline: PipelineConfig, folder: Path, **data) -> Confi
     init_from = data.pop("init_from", "")
     return dataclasses.replace(
         cfg,
-        data=dataclasses.replace(cfg.data, shards=pipeline.shards, **data),
+        data=dataclasses.replace(cfg.data, shards=pipeline.shards, allow_pipe=cfg.data.allow_pipe or pipeline.allow_pipe, **data),
         train=dataclasses.replace(cfg.train, output_dir=str(folder), init_from=str(init_from)),
     )
 
@@ -153,10 +153,12 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     for round_ in range(1, cfg.rounds + 1):
         folder = run / f"round-{round_}"
         _say(f"== round {round_}/{cfg.rounds}: pseudo-label {pool} with {teacher_run}")
-        predictions = pseudo_label(teacher_run, pool, folder / "pseudo-labels", cfg.pseudo_label)
+        predictions = pseudo_label(teacher_run, pool, folder / "pseudo-labels",
+                                   dataclasses.replace(cfg.pseudo_label, allow_pipe=cfg.pseudo_label.allow_pipe or cfg.allow_pipe))
         selection = with_round(cfg.select, round_)
         _say(f"== round {round_}: select ({selection.policy})")
-        selected = select(folder / "pseudo-labels", folder / "selected", selection, labeled if selection.include_labeled else None)
+        selected = select(folder / "pseudo-labels", folder / "selected", selection, labeled if selection.include_labeled else None,
+                          allow_pipe=cfg.allow_pipe or cfg.pseudo_label.allow_pipe)
         board.round(round_, predictions, selected, folder / "selected")
         student = _train_stage(f"round {round_} student", _stage(cfg.student, cfg, folder / "student", labeled=str((folder / "selected").resolve())))
         board.accuracy("student", student, round_)

@@ -67,10 +67,16 @@ class ShardInfo:
 
 @dataclass
 class Manifest:
-    """One split's manifest.json, with shard URLs resolved against the split folder."""
+    """One split's manifest.json, with shard URLs resolved against the split folder.
+
+    A dataset folder may come from someone else: opening it must never run anything. So a shard URL
+    that webdataset would hand to a command (`pipe:`, and every scheme but http(s), which goes to curl
+    as an argument list) or that lies outside the split folder (an absolute path, `..`) is refused
+    unless the run allows it (`allow_pipe`: `data.allow_pipe=true`, `--allow-pipe`)."""
 
     root: Path
     data: dict
+    allow_pipe: bool = False
 
     @property
     def shards(self) -> list[ShardInfo]:
@@ -106,7 +112,14 @@ class Manifest:
         return (shape[2], shape[0], shape[1]) if self.kind == "image" else shape
 
     def url(self, shard: ShardInfo) -> str:
-        """A URL webdataset can open: absolute paths and `scheme:` URLs pass through."""
+        """A URL webdataset can open: absolute paths and `scheme:` URLs pass through (when allowed)."""
+        if not self.allow_pipe:
+            why = untrusted_url(shard.url)
+            if why:
+                raise UserError(
+                    f"{self.root / 'manifest.json'}: shard URL {shard.url!r} {why}; refused, as a dataset folder may come from anyone "
+                    "(allow it for this run with data.allow_pipe=true, or --allow-pipe)"
+                )
         if is_remote(shard.url) or os.path.isabs(shard.url):
             return shard.url
         return str(self.root / shard.url)
@@ -116,7 +129,27 @@ def is_remote(url: str) -> bool:
     return "://" in url or url.startswith("pipe:")
 
 
-def load_manifest(split_dir: str | Path) -> Manifest:
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
+
+
+def untrusted_url(url: str) -> str | None:
+    """Why opening a manifest's shard URL could run a command or read outside its split folder, or
+    None for a plain relative name inside it or an http(s) URL."""
+    scheme = _SCHEME.match(url)
+    if scheme and scheme.group(1).lower() in ("http", "https") and url[scheme.end():].startswith("//"):
+        return None
+    if scheme:
+        name = scheme.group(1).lower()
+        return "runs a shell command (pipe:)" if name == "pipe" else f"has the scheme {name}:, which webdataset opens through a command"
+    if os.path.isabs(url):
+        return "is an absolute path, outside the split folder"
+    if ".." in Path(url).parts:
+        return "leads outside the split folder (..)"
+    return None
+
+
+def load_manifest(split_dir: str | Path, allow_pipe: bool = False) -> Manifest:
+    """A split's manifest, every shard URL checked (see `Manifest`) before anything is opened."""
     split_dir = Path(split_dir)
     if not split_dir.is_dir():
         raise UserError(f"shard folder not found: {split_dir}")
@@ -129,7 +162,10 @@ def load_manifest(split_dir: str | Path) -> Manifest:
         raise UserError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise UserError(f"{path} is not a dist-ssl manifest (format {FORMAT!r} expected)")
-    return Manifest(split_dir, data)
+    manifest = Manifest(split_dir, data, allow_pipe)
+    for shard in manifest.shards:
+        manifest.url(shard)
+    return manifest
 
 
 def check_local_shards(manifest: Manifest) -> None:
@@ -839,8 +875,8 @@ def _verify_shard(manifest: Manifest, index: int) -> ShardReport:
     return ShardReport(name, reader.samples, problems)
 
 
-def _verify_task(task: tuple[str, int]) -> ShardReport:
-    return _verify_shard(load_manifest(task[0]), task[1])
+def _verify_task(task: tuple[str, int, bool]) -> ShardReport:
+    return _verify_shard(load_manifest(task[0], task[2]), task[1])
 
 
 def one_torch_thread() -> None:
@@ -865,13 +901,13 @@ def split_folders(folder: str | Path) -> list[Path]:
     return found
 
 
-def verify(folder: str | Path, workers: int = 1) -> list[ShardReport]:
+def verify(folder: str | Path, workers: int = 1, allow_pipe: bool = False) -> list[ShardReport]:
     """Check every shard of a dataset (or of one split) against its manifest; one report per shard,
     plus one per split for problems of the manifest itself or tar files it does not list."""
     reports: list[ShardReport] = []
     tasks = []
     for split_dir in split_folders(folder):
-        manifest = load_manifest(split_dir)
+        manifest = load_manifest(split_dir, allow_pipe)
         problems = []
         listed = {s.url for s in manifest.shards}
         counted = sum(s.num_samples for s in manifest.shards)
@@ -880,7 +916,7 @@ def verify(folder: str | Path, workers: int = 1) -> list[ShardReport]:
         problems += [f"{p.name} is not listed in the manifest" for p in sorted(split_dir.glob("*.tar")) if p.name not in listed]
         if problems:
             reports.append(ShardReport(f"{split_dir.name}/manifest.json", counted, problems))
-        tasks += [(str(split_dir), i) for i in range(len(manifest.shards))]
+        tasks += [(str(split_dir), i, allow_pipe) for i in range(len(manifest.shards))]
     if workers > 1 and len(tasks) > 1:
         import multiprocessing
 

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from dist_ssl.errors import UserError
-from dist_ssl.files import atomic_torch_save, atomic_write_text, fsync_dir  # noqa: F401 (tests patch them here)
+from dist_ssl.files import atomic_torch_save, atomic_write_text, fsync_dir, writing  # noqa: F401 (tests patch them here)
 
 FORMAT = "dist-ssl-checkpoint/1"
 MARKER = "COMMITTED"
@@ -170,25 +170,61 @@ def save(
     if (path / MARKER).is_file():  # already committed (a run resumed at its very end)
         return path
     accelerator.wait_for_everyone()  # everyone has looked before rank 0 touches the folder
+    failure = None
     if main:
-        shutil.rmtree(path, ignore_errors=True)  # an uncommitted leftover of a crash
-        path.mkdir(parents=True)
+        try:
+            with writing(path):
+                shutil.rmtree(path, ignore_errors=True)  # an uncommitted leftover of a crash
+                path.mkdir(parents=True)
+        except UserError as exc:
+            failure = exc
     accelerator.wait_for_everyone()
+    if failure is None:  # the other ranks find no folder and fail alike
+        try:
+            with writing(path):
+                if main:
+                    for stem, obj in shared.items():
+                        atomic_torch_save(obj, path / f"{stem}.pt")
+                    atomic_write_text(path / "config.yaml", config_text)
+                atomic_torch_save(per_rank, path / f"rank-{accelerator.process_index:05d}.pt")
+                fsync_dir(path)  # each rank makes its own renames durable (ranks may sit on other nodes)
+        except UserError as exc:
+            failure = exc
+    _agree_or_discard(path, failure, accelerator)
     if main:
-        for stem, obj in shared.items():
-            atomic_torch_save(obj, path / f"{stem}.pt")
-        atomic_write_text(path / "config.yaml", config_text)
-    atomic_torch_save(per_rank, path / f"rank-{accelerator.process_index:05d}.pt")
-    fsync_dir(path)  # each rank makes its own renames durable (ranks may sit on other nodes)
-    accelerator.wait_for_everyone()
+        try:
+            with writing(path):
+                atomic_write_text(path / "meta.json", json.dumps(dict(meta, format=FORMAT, step=step, saved_at=time.time()), indent=1))
+                fsync_dir(path)
+                atomic_write_text(path / MARKER, f"{step}\n")
+                fsync_dir(path)
+        except UserError as exc:
+            failure = exc
+    _agree_or_discard(path, failure, accelerator)
     if main:
-        atomic_write_text(path / "meta.json", json.dumps(dict(meta, format=FORMAT, step=step, saved_at=time.time()), indent=1))
-        fsync_dir(path)
-        atomic_write_text(path / MARKER, f"{step}\n")
-        fsync_dir(path)
-        prune(root, keep_last)
+        with writing(root):
+            prune(root, keep_last)
     accelerator.wait_for_everyone()
     return path
+
+
+def _agree_or_discard(path: Path, failure: UserError | None, accelerator) -> None:
+    """Instead of a barrier: when any rank could not write its part (a full or read-only disk), every
+    rank raises the first such error, and rank 0 removes the partial folder, so it never lingers as a
+    candidate and the previous committed checkpoint stays the one a rerun resumes."""
+    errors = [str(failure) if failure is not None else None]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        errors = gather_object(errors)
+    first = next((e for e in errors if e is not None), None)
+    if first is None:
+        return
+    if accelerator.is_main_process and not (path / MARKER).is_file():
+        shutil.rmtree(path, ignore_errors=True)
+    if isinstance(failure, UserError):
+        raise failure
+    raise UserError(first)
 
 
 def prune(root: Path, keep_last: int) -> None:

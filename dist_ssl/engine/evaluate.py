@@ -77,7 +77,8 @@ def check_matches(manifest: Manifest, meta: dict) -> None:
         )
 
 
-def evaluate_checkpoint(path: str, shards: str, split: str = "test", batch_size: int = 256, weights: str = "auto") -> dict:
+def evaluate_checkpoint(path: str, shards: str, split: str = "test", batch_size: int = 256, weights: str = "auto",
+                        allow_pipe: bool = False) -> dict:
     """Evaluate a committed checkpoint (step-N folder or run folder) on a split of `shards`."""
     from dist_ssl.data.shards import load_manifest
     from dist_ssl.data.transforms import build_views
@@ -86,7 +87,7 @@ def evaluate_checkpoint(path: str, shards: str, split: str = "test", batch_size:
     loaded = load_network(path, weights)
     meta = loaded.meta
     root = Path(shards)
-    manifest = load_manifest(root if (root / "manifest.json").is_file() else root / split)
+    manifest = load_manifest(root if (root / "manifest.json").is_file() else root / split, allow_pipe)
     check_matches(manifest, meta)
     accelerator = make_accelerator(loaded.cfg.train.mixed_precision)
     net = loaded.net.to(accelerator.device)

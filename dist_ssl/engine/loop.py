@@ -62,9 +62,9 @@ def load_run_data(cfg: Config, method: type[Method]) -> RunData:
     root = Path(cfg.data.shards) if cfg.data.shards else None
     if root is not None and not root.is_dir():
         raise UserError(f"shard folder not found: {root}")
-    labeled = load_manifest(split_path(cfg, "labeled"))
-    test = load_manifest(split_path(cfg, "test"))
-    unlabeled = load_manifest(split_path(cfg, "unlabeled")) if method.unlabeled_views else None
+    labeled = load_manifest(split_path(cfg, "labeled"), cfg.data.allow_pipe)
+    test = load_manifest(split_path(cfg, "test"), cfg.data.allow_pipe)
+    unlabeled = load_manifest(split_path(cfg, "unlabeled"), cfg.data.allow_pipe) if method.unlabeled_views else None
     for other in (test, unlabeled):
         if other is None:
             continue

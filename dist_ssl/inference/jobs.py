@@ -21,6 +21,7 @@ from typing import Callable, Sequence, TypeVar
 
 import numpy as np
 
+from dist_ssl.engine.lock import LOCK
 from dist_ssl.errors import UserError
 from dist_ssl.files import atomic_write_json
 
@@ -95,7 +96,7 @@ def claim_folder(out: Path, job: dict, what: str) -> dict | None:
                     f"{out} holds {what} of another job ({key} is {saved.get(key)!r} there, {job.get(key)!r} here): "
                     "choose another output folder, or remove it"
                 )
-    elif any(out.iterdir()):
+    elif any(p.name != LOCK for p in out.iterdir()):  # the run lock of this very command may be there
         raise UserError(f"output folder {out} is not empty and holds no {what}: choose another output folder")
     else:
         atomic_write_json(job_file, job)

@@ -82,10 +82,10 @@ def load_predictions_manifest(folder: str | Path) -> dict:
     return data
 
 
-def pool_manifest(path: str | Path) -> Manifest:
+def pool_manifest(path: str | Path, allow_pipe: bool = False) -> Manifest:
     """A split folder, or a dataset folder (its `unlabeled/` split)."""
     path = Path(path)
-    return load_manifest(path / "unlabeled" if not (path / "manifest.json").is_file() and (path / "unlabeled").is_dir() else path)
+    return load_manifest(path / "unlabeled" if not (path / "manifest.json").is_file() and (path / "unlabeled").is_dir() else path, allow_pipe)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -347,7 +347,7 @@ def pseudo_label(checkpoint: str | Path, pool_dir: str | Path, out: str | Path, 
     from dist_ssl.engine.evaluate import check_matches, load_network
 
     loaded = load_network(checkpoint, cfg.weights)
-    pool = pool_manifest(pool_dir)
+    pool = pool_manifest(pool_dir, cfg.allow_pipe)
     check_matches(pool, loaded.meta)
     views = build_views(pool.kind, pool.input_shape, loaded.meta["mean"], loaded.meta["std"], loaded.cfg.data.augment)
     job = {"checkpoint": str(loaded.folder.resolve()), "step": loaded.meta["step"], "model": loaded.meta["model"],

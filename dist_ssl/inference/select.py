@@ -269,17 +269,19 @@ def _policy(cfg: SelectConfig) -> dict:
     return params
 
 
-def select(predictions: str | Path, out: str | Path, cfg: SelectConfig, labeled_dir: str | Path | None = None) -> dict:
+def select(predictions: str | Path, out: str | Path, cfg: SelectConfig, labeled_dir: str | Path | None = None,
+           allow_pipe: bool = False) -> dict:
     """Write the selection of a published pseudo-label folder as a labeled split in `out`; returns
-    its manifest. `labeled_dir`: a labeled split to copy in as well. Call it on every rank."""
+    its manifest. `labeled_dir`: a labeled split to copy in as well. `allow_pipe`: see data.allow_pipe.
+    Call it on every rank."""
     from dist_ssl.engine.accelerator import process_state
 
     predictions, out = Path(predictions), Path(out)
     manifest = load_predictions_manifest(predictions)
-    pool = load_manifest(manifest["pool"])
+    pool = load_manifest(manifest["pool"], allow_pipe)
     if sha256_file(pool.root / "manifest.json") != manifest["pool_manifest_sha256"]:
         raise UserError(f"the pool {pool.root} changed after it was pseudo-labeled into {predictions}: pseudo-label it again")
-    labeled = load_manifest(labeled_dir) if labeled_dir is not None else None
+    labeled = load_manifest(labeled_dir, allow_pipe) if labeled_dir is not None else None
     if labeled is not None and (labeled.num_classes != pool.num_classes or labeled.shape != pool.shape):
         raise UserError(f"labeled split {labeled.root} ({labeled.num_classes} classes, shape {labeled.shape}) does not match the pool {pool.root}")
     job = dict(

@@ -1,4 +1,5 @@
 import json
+import re
 import shutil
 import tarfile
 
@@ -9,6 +10,7 @@ from dist_ssl.data.shards import decode_sample, load_manifest, sha256_file, veri
 from dist_ssl.data.sources import load_source
 from dist_ssl.data.streams import raw_samples
 from dist_ssl.errors import UserError
+from tests.conftest import run_cli
 
 
 def members(tar_path):
@@ -244,3 +246,48 @@ def test_tar_members_rejects_a_damaged_header():
     data[10] ^= 0x01  # inside the name: the checksum no longer matches
     with pytest.raises(ValueError, match="bad tar header checksum"):
         list(tar_members(io.BytesIO(bytes(data)), "t.tar"))
+
+
+# ----------------------------------------------------------------------------------------------
+# shard URLs a dataset folder from someone else may hold
+
+
+def planted(digits_shards, tmp_path, url_of):
+    """A copy of the dataset whose labeled manifest names its one shard by another URL."""
+    data = tmp_path / "data"
+    shutil.copytree(digits_shards, data)
+    path = data / "labeled" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["shards"][0]["url"] = url_of(data / "labeled" / manifest["shards"][0]["url"])
+    path.write_text(json.dumps(manifest))
+    return data
+
+
+def test_a_pipe_url_in_a_manifest_never_runs_unless_allowed(digits_shards, tmp_path):
+    marker = tmp_path / "MARKER"
+    data = planted(digits_shards, tmp_path, lambda tar: f"pipe:touch {marker}; cat {tar}")
+    refused = "runs a shell command (pipe:); refused, as a dataset folder may come from anyone"
+    for args in (["shards", "verify", str(data)],
+                 ["train", "configs/digits/supervised.yaml", f"data.shards={data}", f"train.output_dir={tmp_path / 'run'}"]):
+        done = run_cli(*args)
+        assert done.returncode == 2 and refused in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert not marker.exists(), args
+    assert not (tmp_path / "run").exists()  # refused before the run folder was made
+    allowed = run_cli("shards", "verify", str(data / "labeled"), "--allow-pipe")
+    assert f"labeled/pipe:touch {marker}; cat {data / 'labeled'}/labeled-000000.tar: ok (50 samples)" in allowed.stdout, allowed.stdout
+    assert marker.exists()  # the user's explicit choice: it ran
+
+
+@pytest.mark.parametrize("url_of, why", [
+    (lambda tar: str(tar), "is an absolute path, outside the split folder"),
+    (lambda tar: f"../labeled/{tar.name}", "leads outside the split folder (..)"),
+    (lambda tar: f"s3://bucket/{tar.name}", "has the scheme s3:, which webdataset opens through a command"),
+])
+def test_shard_urls_outside_the_split_folder_are_refused_unless_allowed(digits_shards, tmp_path, url_of, why):
+    data = planted(digits_shards, tmp_path, url_of)
+    with pytest.raises(UserError, match=re.escape(why)):
+        load_manifest(data / "labeled")
+    allowed = load_manifest(data / "labeled", allow_pipe=True)
+    if "s3" not in why:
+        shard = allowed.shards[0]
+        assert sum(1 for _ in raw_samples(allowed.url(shard), shard)) == 50

@@ -6,6 +6,7 @@ import torch
 from dist_ssl.engine import checkpoint
 from dist_ssl.engine.accelerator import make_accelerator
 from dist_ssl.errors import UserError
+from dist_ssl.files import CannotWrite
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +179,8 @@ def test_config_changes_name_what_alters_the_run_and_skip_bookkeeping(tmp_path):
 
 def test_a_crash_just_before_the_marker_leaves_the_previous_checkpoint_resumed(digits_shards, tmp_path, monkeypatch, capsys):
     """Every file of step-6 is written and fsynced, then the disk fills up while the marker is
-    written: the folder does not count, step-4 is resumed, and the run ends as if nothing happened."""
+    written: one clear error, the partial folder is removed, step-4 is resumed, and the run ends as
+    if nothing happened."""
     from dist_ssl.engine.loop import train
     from tests.conftest import assert_same_checkpoint, tiny_config
 
@@ -194,11 +196,10 @@ def test_a_crash_just_before_the_marker_leaves_the_previous_checkpoint_resumed(d
         write_text(path, text)
 
     monkeypatch.setattr(checkpoint, "atomic_write_text", disk_full_at_the_marker_of_step_6)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(CannotWrite, match=f"^cannot write {run / 'checkpoints' / 'step-6'}: No space left on device$"):
         train(tiny_config(digits_shards, run, "fixmatch", *overrides))
     monkeypatch.undo()
-    folder = run / "checkpoints" / "step-6"
-    assert {"model.pt", "training.pt", "rank-00000.pt", "meta.json", "COMMITTED.tmp"} <= {p.name for p in folder.iterdir()}
+    assert not (run / "checkpoints" / "step-6").exists()  # never left as a candidate
     assert checkpoint.latest(run / "checkpoints") == run / "checkpoints" / "step-4"  # keep_last=1 kept the newest committed
 
     capsys.readouterr()

@@ -258,3 +258,29 @@ def test_dataloader_workers_outlive_a_signal_sent_to_every_process(digits_shards
             time.sleep(0.5)
             next(batches)
             os.kill(worker, 0)  # still there
+
+
+@pytest.mark.slow
+def test_a_stopped_run_leaves_a_marker_that_a_requeue_wrapper_reads_whatever_the_launcher_returns(digits_shards, tmp_path):
+    """SIGTERM to one rank under accelerate launch: the ranks commit and exit 75, torchrun makes it 1;
+    the run folder says 'preempted, resumable at step N' until a later session completes the run."""
+    import psutil
+
+    from dist_ssl.cli import PREEMPTED
+
+    run = tmp_path / "run"
+    launcher = launch(digits_shards, run, "train.checkpoint_every_steps=4")
+    wait_for_step(run, 4, [launcher])
+    (rank1,) = [p for p in psutil.Process(launcher.pid).children() if p.environ().get("RANK") == "1"]
+    rank1.send_signal(signal.SIGTERM)
+    out, _ = launcher.communicate(timeout=300)
+    assert launcher.returncode == 1, out
+    stop = newest_step(run)
+    folder = run / "checkpoints" / f"step-{stop}"
+    assert f"dist-ssl: stopped by SIGTERM at step {stop} after committing {folder}" in out
+    assert json.loads((run / PREEMPTED).read_text()) == {"preempted": True, "resumable_at_step": stop, "checkpoint": str(folder),
+                                                         "signal": "SIGTERM", "exit_code": preemption.REQUEUE_EXIT_CODE}
+    last = launch(digits_shards, run, "train.checkpoint_every_steps=4")
+    out, _ = last.communicate(timeout=600)
+    assert last.returncode == 0 and f"resumed from {folder} at step {stop}" in out, out
+    assert not (run / PREEMPTED).exists()
