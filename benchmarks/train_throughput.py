@@ -25,9 +25,10 @@ Sections:
   batch, optimizer and EMA, timed the same way. Ratios are unlabeled images/s against it.
 
 Allocator: on CPU, glibc hands large freed buffers back to the kernel and a WRN step then spends
-seconds re-faulting zeroed pages (ENVIRONMENT.md). dist-ssl keeps freed memory itself on CPU
-(`train.cpu_allocator=tuned`, the default; a row measures `default`). The baseline runs as it comes
-(`default`), and again with MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=64GiB (`tuned`), like for like.
+seconds re-faulting zeroed pages (ENVIRONMENT.md, engine/allocator.py). Every dist-ssl command asks
+glibc for huge pages at start (the children here do the same); `train.cpu_allocator=retain` keeps
+freed memory instead. The baseline runs as it comes (`default`), with huge pages, and with freed
+memory kept (MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=64GiB): like for like with each of ours.
 
 `libraries` (not in the default sections; kornia and torchaug are not dependencies): RandAugment
 alone, ours against kornia's and torchaug's batch transforms.
@@ -51,7 +52,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-TUNED_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(64 << 30)}
+RETAIN_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(64 << 30)}
+HUGE_PAGES = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
 LABELED, MU = 64, 7
 # Dense peak TFLOP/s by device name fragment: (bf16, fp32). H100/H200 SXM: 989 bf16, 67 fp32 (no TF32).
 PEAKS = {"H200": (989.0, 67.0), "H100": (989.0, 67.0), "A100": (312.0, 19.5)}
@@ -62,7 +64,7 @@ SWITCHES = {
         ("fp32 per-sample (before)", ["data.augment.path=per_sample"]),
         ("fp32 batched", ["data.augment.path=batched"]),
         ("fp32 batched channels_last", ["data.augment.path=batched", "train.channels_last=true"]),
-        ("fp32 batched, train.cpu_allocator=default", ["data.augment.path=batched", "train.cpu_allocator=default"]),
+        ("fp32 batched, train.cpu_allocator=retain", ["data.augment.path=batched", "train.cpu_allocator=retain"]),
         ("bf16 batched", ["data.augment.path=batched", "train.mixed_precision=bf16"]),
         ("bf16 batched channels_last", ["data.augment.path=batched", "train.mixed_precision=bf16", "train.channels_last=true"]),
     ],
@@ -435,7 +437,8 @@ def steps_section(args, env: dict) -> None:
     if "baseline" in args.sections:
         # The straightforward implementation runs with the allocator as it comes; on CPU it is also
         # measured with ours, like for like.
-        for allocator, baseline_env in (("default", {}), ("tuned", TUNED_MALLOC)) if args.device == "cpu" else (("default", {}),):
+        allocators = (("default", {}), ("huge pages", HUGE_PAGES), ("retain", RETAIN_MALLOC)) if args.device == "cpu" else (("default", {}),)
+        for allocator, baseline_env in allocators:
             result = run_child("baseline", args, [], baseline_env)
             if baseline is None:
                 baseline = result
@@ -449,7 +452,8 @@ def steps_section(args, env: dict) -> None:
             if skip_bf16 and "bf16" in label:
                 continue
             result = run_child(method, args, overrides, env)
-            row = dict(result, method=method, switches=label, allocator="dist-ssl's" if args.device == "cpu" else "cuda")
+            allocator = ("retain" if "retain" in label else "huge pages") if args.device == "cpu" else "cuda"
+            row = dict(result, method=method, switches=label, allocator=allocator)
             if baseline and method == "fixmatch":
                 row["ratio"] = result["unlabeled_per_second"] / baseline["unlabeled_per_second"]
                 row["memory_ratio"] = result["peak_mib"] / baseline["peak_mib"]
@@ -489,12 +493,16 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
+        if args.child != "baseline":  # what `dist-ssl train` does first
+            from dist_ssl.engine.allocator import request_huge_pages
+
+            request_huge_pages()
         result = child_baseline(args) if args.child == "baseline" else child_train(args)
         print(json.dumps(result))
         return
     args.sections = args.sections.split(",")
     args.work = args.work or tempfile.mkdtemp(prefix="dist-ssl-throughput-")
-    env: dict = {}  # dist-ssl tunes its allocator itself on CPU (train.cpu_allocator)
+    env: dict = {}  # our children set their allocator as dist-ssl does (engine/allocator.py)
     import torch
 
     print(f"# train_throughput: device {args.device} ({torch.cuda.get_device_name() if args.device == 'cuda' else f'{os.cpu_count()} CPU cores'}), "

@@ -1,4 +1,4 @@
-from dist_ssl.cli import main
+from dist_ssl.cli import run
 
 if __name__ == "__main__":
-    main()
+    run()

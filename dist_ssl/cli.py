@@ -298,6 +298,14 @@ def _report(exc: UserError) -> None:
 DISK_REFUSED = frozenset({errno.EROFS, errno.ENOSPC, errno.EDQUOT})
 
 
+def run() -> None:
+    """The `dist-ssl` and `python -m dist_ssl` entry point: the process, then the command."""
+    from dist_ssl.engine.allocator import request_huge_pages
+
+    request_huge_pages()
+    main()
+
+
 def main(argv: list[str] | None = None) -> None:
     from dist_ssl.engine import watchdog
     from dist_ssl.files import os_error

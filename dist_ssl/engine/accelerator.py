@@ -17,24 +17,6 @@ def _on_cpu() -> bool:
     return cpu
 
 
-def keep_freed_memory() -> bool:
-    """Have glibc keep freed memory for reuse instead of handing each large buffer back to the kernel.
-
-    By default every tensor above 32 MiB is its own mapping, returned when freed and zero-filled
-    again by page faults when the next step allocates it: a WRN-28-2 FixMatch step on 2 CPU cores
-    ran 1.7x slower for it (benchmarks/train_throughput.py, README: Speed). The price is a higher
-    resident peak, freed chunks staying in the heap. CPU training only (train.cpu_allocator);
-    False where the C library is not glibc."""
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4  # malloc.h
-    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
-
-
 def deepspeed_requested() -> bool:
     """`accelerate launch` exports this for a `distributed_type: DEEPSPEED` config or --use_deepspeed."""
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")

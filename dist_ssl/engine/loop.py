@@ -28,7 +28,8 @@ from dist_ssl.data.shards import Manifest, load_manifest
 from dist_ssl.data.streams import TrainStream, loader, mix
 from dist_ssl.data.transforms import build_views
 from dist_ssl.engine import checkpoint, preemption
-from dist_ssl.engine.accelerator import keep_freed_memory, launch_facts, make_accelerator, prepare_training
+from dist_ssl.engine.accelerator import launch_facts, make_accelerator, prepare_training
+from dist_ssl.engine.allocator import allocator_facts, keep_freed_memory
 from dist_ssl.engine.evaluate import evaluate
 from dist_ssl.engine.finetune import finetune_config
 from dist_ssl.engine.logging import RunLogger
@@ -153,8 +154,7 @@ class Trainer:
         self.data = data = load_run_data(cfg, method_cls)
         self.accelerator = accelerator = make_accelerator(cfg.train.mixed_precision)
         self.rank, self.world, self.device = accelerator.process_index, accelerator.num_processes, accelerator.device
-        if self.device.type == "cpu" and cfg.train.cpu_allocator == "tuned":
-            keep_freed_memory()
+        self.retains_memory = self.device.type == "cpu" and cfg.train.cpu_allocator == "retain" and keep_freed_memory()
         self.run_dir = Path(cfg.train.output_dir)
         self.identity = {
             "method": cfg.method.name,
@@ -371,7 +371,7 @@ class Trainer:
             "evaluated_weights": "ema" if self.emas else "raw",
             "steps": total,
             "world_size": self.world,
-            "launch": launch_facts(self.accelerator),
+            "launch": dict(launch_facts(self.accelerator), cpu_allocator=allocator_facts(self.retains_memory)),
             "wall_seconds": self.wall_before + session_seconds,
             "train_samples_per_second": (total - start_step) * self.samples_per_step / session_seconds if total > start_step else None,
             "data_wait_fraction": self.data_wait_seconds / session_seconds if total > start_step else None,
