@@ -18,11 +18,22 @@ PODMAN=(podman --root "$WORK/storage" --runroot "$WORK/run" --storage-driver ove
 BASE=localhost/dist-ssl-base:bookworm
 IMAGE=localhost/dist-ssl:test
 CERT=${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}
-mkdir -p "$WORK"
+mkdir -p "$WORK/tmp"
+export TMPDIR=$WORK/tmp  # podman import stages the whole 6 GB tarball there, twice
 started=$(date +%s)
 
 build_base() {
     local root=$WORK/rootfs
+    # The root is kept until its import succeeds: an import stopped half-way (7 minutes, 6 GB) resumes
+    # from it instead of from debootstrap.
+    [ -f "$WORK/rootfs.done" ] || make_root "$root"
+    echo "docker-test: base root $(du -sh "$root" | cut -f1), importing it" >&2
+    tar -C "$root" -c . | "${PODMAN[@]}" import --change 'CMD ["/bin/bash"]' - "$BASE"
+    rm -rf "$root" "$WORK/rootfs.done"
+}
+
+make_root() {
+    local root=$1
     rm -rf "$root"
     debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm "$root" http://deb.debian.org/debian
     cp /etc/resolv.conf "$root/etc/resolv.conf"
@@ -37,9 +48,7 @@ build_base() {
     umount "$root/etc/ssl/certs/ca-certificates.crt" 2>/dev/null || true
     umount "$root/proc"
     rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/* "$root/etc/resolv.conf"
-    echo "docker-test: base root $(du -sh "$root" | cut -f1), importing it" >&2
-    tar -C "$root" -c . | "${PODMAN[@]}" import --change 'CMD ["/bin/bash"]' - "$BASE"
-    rm -rf "$root"
+    touch "$WORK/rootfs.done"
 }
 
 if ! "${PODMAN[@]}" image exists "$BASE"; then
