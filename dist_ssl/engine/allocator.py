@@ -41,7 +41,7 @@ def request_huge_pages() -> None:
     """Re-execute this process, once, with glibc's huge-page tunable set. For the entry points
     only (`dist-ssl`, `python -m dist_ssl`), before anything else runs: the process keeps its PID,
     arguments and environment, so launchers (accelerate, torchrun, SLURM) see the same rank."""
-    if HUGE_PAGES in os.environ.get("GLIBC_TUNABLES", "") or not _glibc_with_huge_pages():
+    if HUGE_PAGES in os.environ.get("GLIBC_TUNABLES", "") or not sys.executable or not _glibc_with_huge_pages():
         return
     os.environ["GLIBC_TUNABLES"] = ":".join(filter(None, (os.environ.get("GLIBC_TUNABLES"), f"{HUGE_PAGES}=1")))
     sys.stdout.flush()
