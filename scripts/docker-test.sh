@@ -26,7 +26,9 @@ build_base() {
     local root=$WORK/rootfs
     # The root is kept until its import succeeds: an import stopped half-way (7 minutes, 6 GB) resumes
     # from it instead of from debootstrap.
-    [ -f "$WORK/rootfs.done" ] || make_root "$root"
+    if [ ! -f "$WORK/rootfs.done" ]; then  # not `|| make_root`: errexit is off in such a call
+        make_root "$root"
+    fi
     echo "docker-test: base root $(du -sh "$root" | cut -f1), importing it" >&2
     tar -C "$root" -c . | "${PODMAN[@]}" import --change 'CMD ["/bin/bash"]' - "$BASE"
     rm -rf "$root" "$WORK/rootfs.done"
@@ -38,8 +40,8 @@ make_root() {
     debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm "$root" http://deb.debian.org/debian
     cp /etc/resolv.conf "$root/etc/resolv.conf"
     mount -t proc proc "$root/proc"
-    [ -f "$CERT" ] && mount --bind -o ro "$CERT" "$root/etc/ssl/certs/ca-certificates.crt"
-    trap 'umount "$root/etc/ssl/certs/ca-certificates.crt" 2>/dev/null; umount "$root/proc" 2>/dev/null' RETURN
+    if [ -f "$CERT" ]; then mount --bind -o ro "$CERT" "$root/etc/ssl/certs/ca-certificates.crt"; fi
+    trap 'umount "$root/etc/ssl/certs/ca-certificates.crt" "$root/proc" 2>/dev/null || true' EXIT
     # pip from a throw-away venv writes into the system site (--target): a PEP 668 Python refuses its
     # own pip there, and CUDA PyTorch images keep torch in the system Python too.
     chroot "$root" /usr/bin/env -i PATH=/usr/bin:/bin HOME=/root PIP_CERT=/etc/ssl/certs/ca-certificates.crt sh -c '
@@ -47,6 +49,7 @@ make_root() {
             "torchvision>=0.29" && rm -rf /tmp/pip'
     umount "$root/etc/ssl/certs/ca-certificates.crt" 2>/dev/null || true
     umount "$root/proc"
+    trap - EXIT
     rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/* "$root/etc/resolv.conf"
     touch "$WORK/rootfs.done"
 }
