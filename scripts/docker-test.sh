@@ -76,7 +76,8 @@ dist-ssl report /app/runs/smoke
 test "$(id -u)" != 0'
 # podman run, as the image's user; where this machine does not let it set up a container (rlimits,
 # cgroups), the same commands run by chroot into the container's mounted root, as that user.
-if "${PODMAN[@]}" run --rm --entrypoint /bin/sh "$IMAGE" -c "$SMOKE"; then
+# Limits within the host's own: crun cannot raise RLIMIT_NOFILE/NPROC here.
+if "${PODMAN[@]}" run --rm --ulimit "nofile=$(ulimit -Hn):$(ulimit -Hn)" --ulimit nproc=4096:4096 --entrypoint /bin/sh "$IMAGE" -c "$SMOKE"; then
     echo "docker-test: smoke run inside the image (podman run) passed" >&2
 else
     echo "docker-test: podman run failed here; running the smoke test by chroot into the container instead" >&2
@@ -88,9 +89,10 @@ else
     mounted=("$root/proc")
     mount -t proc proc "$root/proc"
     mkdir -p "$root/dev/shm" && mount -t tmpfs -o mode=1777 shm "$root/dev/shm" && mounted+=("$root/dev/shm")
+    # Bound over the image's own nodes too: a fuse-overlayfs mount is nodev, its /dev/null refuses opening.
     for device in null zero full random urandom tty; do
-        [ -c "$root/dev/$device" ] && continue
-        touch "$root/dev/$device" && mount --bind "/dev/$device" "$root/dev/$device" && mounted+=("$root/dev/$device")
+        [ -e "$root/dev/$device" ] || touch "$root/dev/$device"
+        mount --bind "/dev/$device" "$root/dev/$device" && mounted+=("$root/dev/$device")
     done
     trap 'for m in "${mounted[@]}"; do umount "$m"; done; "${PODMAN[@]}" umount "$container" >/dev/null; "${PODMAN[@]}" rm "$container" >/dev/null' EXIT
     uid=$("${PODMAN[@]}" image inspect --format '{{.Config.User}}' "$IMAGE")
