@@ -1,4 +1,5 @@
-"""What a run reports: TensorBoard scalars (rank 0), a progress bar on rank 0, one line per epoch.
+"""What a run reports: TensorBoard scalars (rank 0), a progress bar on rank 0 (or progress lines
+where stderr is no terminal), one line per epoch.
 
 Step metrics are averaged over the logging window and over ranks (one all-reduce per window), so
 the curves do not depend on the number of processes.
@@ -6,10 +7,56 @@ the curves do not depend on the number of processes.
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 from pathlib import Path
 
 import torch
+
+# Seconds between two progress lines at most (`Progress`); DIST_SSL_PROGRESS_SECONDS overrides it.
+PROGRESS_SECONDS = 30.0
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Progress:
+    """A progress line on stderr every `every` units or every `seconds` seconds, whichever comes
+    first: what a bar would show, for logs (nohup, SLURM, `docker run` without -t), where a bar
+    prints nothing until the end. The ETA is from the average rate since the start. `seconds`
+    defaults to PROGRESS_SECONDS, or DIST_SSL_PROGRESS_SECONDS when set (0: a line at every step)."""
+
+    def __init__(self, label: str, total: int, unit: str = "", every: int | None = None, start: int = 0,
+                 seconds: float | None = None):
+        self.label, self.total, self.unit, self.every = label, total, unit, every
+        self.seconds = float(os.environ.get("DIST_SSL_PROGRESS_SECONDS", PROGRESS_SECONDS)) if seconds is None else seconds
+        self.started = self.last_time = time.monotonic()
+        self.start = self.last_done = self.done = start
+
+    def due(self, done: int) -> bool:
+        if done <= self.last_done:
+            return False
+        return (done >= self.total or (self.every is not None and done - self.last_done >= self.every)
+                or time.monotonic() - self.last_time >= self.seconds)
+
+    def advance(self, units: int = 1) -> None:
+        """After each piece of work: a line with the rate since the last line, when one is due."""
+        self.done += units
+        if self.due(self.done):
+            rate = (self.done - self.last_done) / max(time.monotonic() - self.last_time, 1e-9)
+            self.write(self.done, f"{rate:.0f} {self.unit}/s")
+
+    def write(self, done: int, *fields: str) -> None:
+        now = time.monotonic()
+        speed = (done - self.start) / max(now - self.started, 1e-9)
+        eta = _clock((self.total - done) / speed) if speed > 0 else "?"
+        unit = f" {self.unit}" if self.unit else ""
+        head = f"{self.label} {done}/{self.total}{unit} ({100 * done / max(self.total, 1):.0f}%)"
+        print(" | ".join([head, *[f for f in fields if f], f"ETA {eta}"]), file=sys.stderr, flush=True)
+        self.last_time, self.last_done = now, done
 
 
 class RunLogger:
@@ -20,6 +67,7 @@ class RunLogger:
         self.ratios: dict[str, torch.Tensor] = {}  # name -> [numerator, denominator] sums
         self.writer = None
         self.bar = None
+        self.progress = None
         if self.main:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -28,6 +76,8 @@ class RunLogger:
                 from tqdm import tqdm
 
                 self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+            else:  # a line at every flush, and between two when a window outlasts the interval
+                self.progress = Progress("step", total_steps, start=start_step)
 
     # Values stay where they are (on the GPU, unsynchronized) until `flush`: a `.cpu()` per step
     # would make the host wait for the device every step.
@@ -61,7 +111,25 @@ class RunLogger:
                 self.writer.add_scalar(f"train/{name}", value, step)
         if self.bar is not None and "loss" in averaged:
             self.bar.set_postfix(loss=f"{averaged['loss']:.3f}", refresh=False)
+        if self.progress is not None:
+            self._progress_line(step, averaged)
         return averaged
+
+    def progress_due(self, done: int) -> bool:
+        """Whether a progress line is due before the window ends (rank 0, stderr no terminal)."""
+        return self.progress is not None and self.progress.due(done)
+
+    def progress_line(self, done: int, speed: dict[str, float]) -> None:
+        """The line of a window that outlasts the progress interval: its losses so far on this rank
+        (rank 0; averaging over ranks would take a collective) and `speed` (images/s, data wait)."""
+        means = {n: float(torch.stack([v.to("cpu", torch.float64) for v in values]).mean()) for n, values in self.window.items()}
+        self._progress_line(done, dict(means, **speed))
+
+    def _progress_line(self, done: int, values: dict[str, float]) -> None:
+        fields = [" ".join(f"{n} {v:.4f}" for n, v in sorted(values.items()) if n.startswith("loss"))]
+        if "images_per_second" in values:
+            fields += [f"{values['images_per_second']:.0f} images/s", f"data wait {values['data_wait_fraction']:.0%}"]
+        self.progress.write(done, *fields)
 
     def state_dict(self) -> dict:
         """The window not flushed yet: a checkpoint taken between two flushes keeps it, so a resumed
@@ -94,3 +162,4 @@ class RunLogger:
             self.bar.close()
         if self.writer is not None:
             self.writer.close()
+

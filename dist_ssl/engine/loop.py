@@ -301,6 +301,8 @@ class Trainer:
             done = step + 1
             if done % cfg.train.log_every_steps == 0 or done == total:
                 window = self._flush(done, window, sum(b.waited for b in batches.values()))
+            elif self.logger.progress_due(done):
+                self.logger.progress_line(done, self._speed(done, window, sum(b.waited for b in batches.values())))
             if done % cfg.train.steps_per_epoch == 0 or done == total:
                 epoch = -(-done // cfg.train.steps_per_epoch)
                 if epoch % cfg.train.eval_every_epochs == 0 or done == total:
@@ -324,12 +326,16 @@ class Trainer:
         the window spent waiting for data. Returns the next window's start."""
         for name, stream in self.streams.items():  # cumulative, over all ranks
             self.logger.accumulate_ratio(f"corrupt_fraction_{name}", stream.corrupt_samples, stream.samples_read)
-        started, waited_before, step_before = window
-        seconds = max(time.perf_counter() - started, 1e-9)
-        self.logger.accumulate({"images_per_second": (done - step_before) * self.samples_per_step / seconds,
-                                "data_wait_fraction": min((waited - waited_before) / seconds, 1.0)})
+        self.logger.accumulate(self._speed(done, window, waited))
         self.logger.flush(done)
         return time.perf_counter(), waited, done
+
+    def _speed(self, done: int, window: tuple[float, float, int], waited: float) -> dict[str, float]:
+        """Images/s and the fraction of the time spent waiting for data since the window started."""
+        started, waited_before, step_before = window
+        seconds = max(time.perf_counter() - started, 1e-9)
+        return {"images_per_second": (done - step_before) * self.samples_per_step / seconds,
+                "data_wait_fraction": min((waited - waited_before) / seconds, 1.0)}
 
     @property
     def samples_per_step(self) -> int:
