@@ -78,9 +78,8 @@ def prediction_grid(run_dir: Path, shards: str | None, out: Path) -> tuple[Path 
     import torch
 
     from dist_ssl.data.shards import load_manifest
-    from dist_ssl.data.streams import EvalStream, loader
-    from dist_ssl.data.transforms import View, build_views
-    from dist_ssl.engine.evaluate import check_matches, load_network
+    from dist_ssl.data.transforms import build_views
+    from dist_ssl.engine.evaluate import check_matches, first_samples, load_network
 
     loaded = load_network(run_dir)
     cfg = loaded.cfg
@@ -97,7 +96,7 @@ def prediction_grid(run_dir: Path, shards: str | None, out: Path) -> tuple[Path 
     check_matches(manifest, loaded.meta)
     if manifest.kind == "vector":
         return None, f"(no prediction grid: {manifest.data.get('source', 'this dataset')} samples are vectors, not images)"
-    raw = next(iter(loader(EvalStream(manifest, 9, View(lambda x: x, lambda x: x), 0, 1), 0)))
+    raw = first_samples(manifest, 9)
     plain = build_views(manifest.kind, manifest.input_shape, loaded.meta["mean"], loaded.meta["std"], cfg.data.augment)["plain"]
     with torch.no_grad():
         predicted = loaded.net(plain.batch(raw["inputs"]["plain"])).argmax(dim=1)

@@ -11,16 +11,20 @@ from torch.nn import functional as F
 
 from dist_ssl.data.shards import Manifest
 from dist_ssl.data.streams import DEFAULT_MAX_BAD_FRACTION, EvalStream, loader
+from dist_ssl.data.transforms import View
 from dist_ssl.errors import UserError
 
 
 @torch.no_grad()
 def evaluate(net: nn.Module, manifest: Manifest, view, accelerator, batch_size: int, workers: int = 0,
              max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION) -> dict:
-    """Sums are reduced over ranks, so a rank with no samples contributes zeros and never blocks."""
+    """Accuracy, loss and the confusion counts (`confusion[true][predicted]`). Sums are reduced
+    over ranks, so a rank with no samples contributes zeros and never blocks."""
     was_training = net.training
     net.eval()
-    totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss sum, correct, count
+    classes = manifest.num_classes
+    # loss sum, correct, count, then the confusion counts: one reduce for all of them
+    totals = torch.zeros(3 + classes * classes, dtype=torch.float64, device=accelerator.device)
     stream = EvalStream(manifest, batch_size, view, accelerator.process_index, accelerator.num_processes, max_bad_fraction)
     try:
         for batch in loader(stream, min(workers, len(stream.my_units()))):
@@ -29,18 +33,43 @@ def evaluate(net: nn.Module, manifest: Manifest, view, accelerator, batch_size: 
                 raise UserError(f"split {manifest.root} has samples without a label (key {batch['keys'][0]}); evaluate on a labeled split")
             with accelerator.autocast():
                 logits = net(batch["inputs"]["plain"].to(accelerator.device))
+            predicted = logits.argmax(dim=1)
             totals[0] += F.cross_entropy(logits.float(), labels, reduction="sum").double()
-            totals[1] += (logits.argmax(dim=1) == labels).sum()
+            totals[1] += (predicted == labels).sum()
             totals[2] += len(labels)
+            totals[3:] += torch.bincount(labels * classes + predicted, minlength=classes * classes)
     finally:
         net.train(was_training)
     if accelerator.num_processes > 1:
         totals = accelerator.reduce(totals, "sum")
-    loss_sum, correct, count = totals.tolist()
+    loss_sum, correct, count = totals[:3].tolist()
     if count == 0:
         raise UserError(f"split {manifest.root} is empty")
+    confusion = totals[3:].long().view(classes, classes).tolist()
     # exactly once: whatever the manifest lists and was not evaluated was skipped as corrupt
-    return {"accuracy": correct / count, "loss": loss_sum / count, "samples": int(count), "corrupt_samples": manifest.num_samples - int(count)}
+    return {"accuracy": correct / count, "loss": loss_sum / count, "samples": int(count), "corrupt_samples": manifest.num_samples - int(count),
+            "confusion": confusion}
+
+
+def first_samples(manifest: Manifest, count: int, max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION) -> dict:
+    """The first `count` samples of a split as stored (`inputs.plain`: uint8 images), with their
+    labels and hidden truth; read in this process, the same ones every time."""
+    stored = View(lambda x: x, lambda x: x)
+    return next(iter(loader(EvalStream(manifest, count, stored, 0, 1, max_bad_fraction), 0)))
+
+
+@torch.no_grad()
+def predict(net: nn.Module, inputs: torch.Tensor, accelerator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(class, probability) of the most probable class of each input, in eval mode."""
+    was_training = net.training
+    net.eval()
+    try:
+        with accelerator.autocast():
+            logits = net(inputs.to(accelerator.device))
+    finally:
+        net.train(was_training)
+    confidence, classes = torch.softmax(logits.float(), dim=1).max(dim=1)
+    return classes.cpu(), confidence.cpu()
 
 
 @dataclass

@@ -30,14 +30,17 @@ from dist_ssl.data.transforms import build_views
 from dist_ssl.engine import checkpoint, preemption
 from dist_ssl.engine.accelerator import launch_facts, make_accelerator, prepare_training
 from dist_ssl.engine.allocator import allocator_facts, keep_freed_memory
-from dist_ssl.engine.evaluate import evaluate
+from dist_ssl.engine.evaluate import evaluate, first_samples, predict
 from dist_ssl.engine.finetune import finetune_config
-from dist_ssl.engine.logging import RunLogger
+from dist_ssl.engine.logging import RunLogger, confusion_figure, flat_settings, pseudo_label_figure
 from dist_ssl.engine.optim import Stepper, build_optimizer, build_scheduler
 from dist_ssl.errors import UserError
 from dist_ssl.methods import get_method
 from dist_ssl.methods.base import Method, StepContext, StepOutput, TrainBatch
 from dist_ssl.models import build_model
+
+
+GRID_SAMPLES = 25  # unlabeled samples in TensorBoard's pseudo-label grid
 
 
 @dataclass
@@ -49,6 +52,14 @@ class RunData:
     @property
     def source(self) -> str:
         return self.labeled.data.get("source", "?")
+
+
+def run_settings(cfg: Config) -> dict:
+    """The resolved config's scalar settings by dotted name, for TensorBoard's HParams dashboard;
+    of the per-method sections, only this run's method's."""
+    tree = to_dict(cfg)
+    tree["method"] = {"name": cfg.method.name, cfg.method.name: tree["method"].get(cfg.method.name, {})}
+    return dict(flat_settings(tree), **{"train.total_steps": cfg.train.total_steps})
 
 
 def split_path(cfg: Config, name: str) -> Path:
@@ -181,6 +192,7 @@ class Trainer:
             self.run_dir / "checkpoints", accelerator, self.raw, self.emas, self.optimizers, self.schedulers, own, meta,
             yaml.safe_dump(to_dict(cfg), sort_keys=False), cfg.train.keep_last, cfg.train.steps_per_epoch)
         self.state = {"step": 0, "wall_seconds": 0.0, "history": []}
+        self.grid_samples = None  # read at the first evaluation (`_log_pseudo_label_grid`)
         if self.resume_from is not None:
             self.state = self.checkpointer.restore(self.resume_from)
             self._report_resume()
@@ -282,8 +294,15 @@ class Trainer:
             used = out.mask & known
             self.logger.accumulate_ratio("pseudo_label_accuracy", correct.sum(), known.sum())
             self.logger.accumulate_ratio("pseudo_label_accuracy_used", (correct & used).sum(), used.sum())
+            self.logger.accumulate_counts("pseudo_labels", self._class_counts(out.pseudo_labels, out.mask))
         self.logger.advance()
         return out
+
+    def _class_counts(self, labels: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
+        """How many of the used pseudo-labels are of each class; a comparison rather than bincount
+        or one_hot, which would wait for the device to learn the largest label."""
+        classes = torch.arange(self.data.labeled.num_classes, device=labels.device)
+        return ((labels[:, None] == classes) & used[:, None]).sum(dim=0)
 
     # -- the loop ----------------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -301,6 +320,8 @@ class Trainer:
             done = step + 1
             if done % cfg.train.log_every_steps == 0 or done == total:
                 window = self._flush(done, window, sum(b.waited for b in batches.values()))
+            elif self.logger.progress_due(done):
+                self.logger.progress_line(done, self._speed(done, window, sum(b.waited for b in batches.values())))
             if done % cfg.train.steps_per_epoch == 0 or done == total:
                 epoch = -(-done // cfg.train.steps_per_epoch)
                 if epoch % cfg.train.eval_every_epochs == 0 or done == total:
@@ -324,12 +345,16 @@ class Trainer:
         the window spent waiting for data. Returns the next window's start."""
         for name, stream in self.streams.items():  # cumulative, over all ranks
             self.logger.accumulate_ratio(f"corrupt_fraction_{name}", stream.corrupt_samples, stream.samples_read)
-        started, waited_before, step_before = window
-        seconds = max(time.perf_counter() - started, 1e-9)
-        self.logger.accumulate({"images_per_second": (done - step_before) * self.samples_per_step / seconds,
-                                "data_wait_fraction": min((waited - waited_before) / seconds, 1.0)})
+        self.logger.accumulate(self._speed(done, window, waited))
         self.logger.flush(done)
         return time.perf_counter(), waited, done
+
+    def _speed(self, done: int, window: tuple[float, float, int], waited: float) -> dict[str, float]:
+        """Images/s and the fraction of the time spent waiting for data since the window started."""
+        started, waited_before, step_before = window
+        seconds = max(time.perf_counter() - started, 1e-9)
+        return {"images_per_second": (done - step_before) * self.samples_per_step / seconds,
+                "data_wait_fraction": min((waited - waited_before) / seconds, 1.0)}
 
     @property
     def samples_per_step(self) -> int:
@@ -342,9 +367,31 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):  # its DataLoader draws a seed: keep that out of the training RNG
             result = evaluate(eval_net, self.data.test, self.views["plain"], self.accelerator, self.cfg.data.eval_batch_size,
                               self.cfg.data.workers, self.cfg.data.max_bad_fraction)
+            if self.accelerator.is_main_process:
+                self._log_pseudo_label_grid(eval_net, step)
+        confusion = result.pop("confusion")  # to TensorBoard, not into every checkpoint's history
         self.logger.scalars("eval", {"accuracy": result["accuracy"], "loss": result["loss"]}, step)
+        if self.accelerator.is_main_process:
+            self.logger.image("eval/confusion_matrix", confusion_figure(confusion, self.class_names), step)
         self.state["history"].append({"step": step, "epoch": step / self.cfg.train.steps_per_epoch, **result})
         return result
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.data.labeled.data.get("class_names") or [str(k) for k in range(self.data.labeled.num_classes)]
+
+    def _log_pseudo_label_grid(self, net, step: int) -> None:
+        """The evaluated network's pseudo-labels of the unlabeled pool's first samples (the same ones
+        at every evaluation, read apart from the training streams) next to their hidden truth."""
+        pool = self.data.unlabeled
+        if pool is None or pool.kind != "image":
+            return
+        if self.grid_samples is None:
+            self.grid_samples = first_samples(pool, GRID_SAMPLES, self.cfg.data.max_bad_fraction)
+        images = self.grid_samples["inputs"]["plain"]
+        classes, confidence = predict(net, self.views["plain"].batch(images), self.accelerator)
+        self.logger.image("eval/unlabeled_pseudo_labels",
+                          pseudo_label_figure(images, classes, confidence, self.grid_samples["truth"], self.class_names), step)
 
     def save(self, step: int, reason: str) -> Path:
         started = time.time()
@@ -381,6 +428,7 @@ class Trainer:
         if accelerator.is_main_process:
             checkpoint.atomic_write_text(self.run_dir / "results.json", json.dumps(results, indent=1))
             self.logger.line(f"{cfg.method.name}: test accuracy {results['test_accuracy']:.4f} ({self.run_dir / 'results.json'})")
+        self.logger.hparams(run_settings(cfg), {"hparam/test_accuracy": results["test_accuracy"]}, total)
         self.logger.close()
         accelerator.wait_for_everyone()
         return results

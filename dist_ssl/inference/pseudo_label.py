@@ -42,12 +42,14 @@ from torch.utils.data import IterableDataset, get_worker_info
 from dist_ssl.config import InferenceConfig
 from dist_ssl.data.shards import DataError, Manifest, check_local_shards, load_manifest, raw_samples, sha256_file
 from dist_ssl.data.streams import SampleChecker, loader
+from dist_ssl.engine.logging import Progress
 from dist_ssl.errors import UserError
 from dist_ssl.files import atomic_write, atomic_write_json
 from dist_ssl.inference.jobs import MANIFEST, claim_folder, contiguous_blocks, on_main
 from dist_ssl.inference.report import LabelStats
 
 FORMAT = "dist-ssl-pseudo-labels/1"
+LINE_EVERY_BATCHES = 100  # a progress line at least this often (and every 30 s: engine.logging.Progress)
 
 
 def output_name(shard: int) -> str:
@@ -164,7 +166,7 @@ def _precision_name(dtype: torch.dtype | None) -> str:
 
 @torch.inference_mode()
 def _predict(net, pool: Manifest, view, shards: list[int], out: Path, device: torch.device, dtype, top_p: int,
-             batch_size: int, workers: int, max_bad_fraction: float) -> None:
+             batch_size: int, workers: int, max_bad_fraction: float, progress: Progress | None) -> None:
     channels_last = device.type == "cuda" and len(pool.input_shape) == 3  # faster convolutions on tensor cores
     net = net.to(device).eval()
     if channels_last:
@@ -175,6 +177,8 @@ def _predict(net, pool: Manifest, view, shards: list[int], out: Path, device: to
         shard = item["shard"]
         if "end" in item:
             _write_shard(out, pool, shard, parts.pop(shard, []), item["skipped"], top_p)
+            if progress is not None:
+                progress.advance(len(item["skipped"]))  # so that a finished share reads total/total
             continue
         # uint8 travels to the device and is normalized there: 4x less to copy than float32
         x = view.batch(item["input"].to(device, non_blocking=True))
@@ -185,6 +189,8 @@ def _predict(net, pool: Manifest, view, shards: list[int], out: Path, device: to
         probs, classes = torch.softmax(logits.float(), dim=1).topk(top_p, dim=1)
         # kept on the device until the shard is complete: no synchronization per batch
         parts.setdefault(shard, []).append((item["keys"], item["positions"], classes, probs, item["truth"]))
+        if progress is not None:
+            progress.advance(len(item["keys"]))
 
 
 def _keys(keys: list[str]) -> np.ndarray:
@@ -327,7 +333,11 @@ def label_pool(net: torch.nn.Module, pool: Manifest, view, out: Path, job: dict,
               f"{state.num_processes} process(es), {_precision_name(dtype)}, top-{top_p} -> {out}", flush=True)
     started = time.time()
     if mine:
-        _predict(net, pool, view, mine, out, state.device, dtype, top_p, cfg.batch_size, cfg.workers, cfg.max_bad_fraction)
+        progress = None
+        if state.is_main_process:  # its own share: the others' would take a collective
+            label = "pseudo-label" if state.num_processes == 1 else f"pseudo-label (rank 0 of {state.num_processes})"
+            progress = Progress(label, sum(pool.shards[i].num_samples for i in mine), "samples", every=LINE_EVERY_BATCHES * cfg.batch_size)
+        _predict(net, pool, view, mine, out, state.device, dtype, top_p, cfg.batch_size, cfg.workers, cfg.max_bad_fraction, progress)
     state.wait_for_everyone()
     seconds = time.time() - started
     manifest = on_main(state, lambda: _publish(pool, out, job))

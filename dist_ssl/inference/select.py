@@ -36,6 +36,7 @@ import numpy as np
 from dist_ssl.config import SelectConfig
 from dist_ssl.data.shards import FORMAT as SHARDS_FORMAT
 from dist_ssl.data.shards import INPUT_EXTENSIONS, DataError, Manifest, load_manifest, raw_samples, sha256_file
+from dist_ssl.engine.logging import Progress
 from dist_ssl.errors import UserError
 from dist_ssl.files import atomic_write, atomic_write_json
 from dist_ssl.inference.jobs import MANIFEST, claim_folder, contiguous_blocks, on_main
@@ -194,7 +195,7 @@ def _labeled_samples(labeled: Manifest, chunks: int, index: int, soft: bool) -> 
 
 
 def _write_chunk(out: Path, index: int, chunks: int, plan: dict, repeated: np.ndarray, pool: Manifest, predictions: Path,
-                 manifest: dict, labeled: Manifest | None, soft: bool) -> None:
+                 manifest: dict, labeled: Manifest | None, soft: bool, progress: Progress | None) -> None:
     import webdataset as wds
 
     rows = _chunk_rows(len(plan["row"]), chunks, index)
@@ -210,6 +211,8 @@ def _write_chunk(out: Path, index: int, chunks: int, plan: dict, repeated: np.nd
             writer.write(sample)
             histogram[int(sample["cls"])] += 1
             count += 1
+            if progress is not None:
+                progress.advance()
 
         # labeled sample k goes before selected sample k * n // l: spread evenly through the shard
         slots = [k * len(rows) // len(extra) for k in range(len(extra))]
@@ -327,8 +330,12 @@ def select(predictions: str | Path, out: str | Path, cfg: SelectConfig, labeled_
     if state.is_main_process:
         print(f"selecting {selected} pseudo-labeled samples ({_policy(cfg)['policy']}) + {extra} labeled into "
               f"{chunks} shard(s), {len(pending)} to write on {state.num_processes} process(es) -> {out}", flush=True)
+    progress = None
+    if state.is_main_process and len(block):  # its own share: the others' would take a collective
+        label = "select" if state.num_processes == 1 else f"select (rank 0 of {state.num_processes})"
+        progress = Progress(label, sum(expected[pending[i]] for i in block), "samples", every=cfg.maxcount)  # about a line per shard
     for i in block:
-        _write_chunk(out, pending[i], chunks, plan, repeated, pool, predictions, manifest, labeled, cfg.soft)
+        _write_chunk(out, pending[i], chunks, plan, repeated, pool, predictions, manifest, labeled, cfg.soft, progress)
     state.wait_for_everyone()
     result = on_main(state, lambda: _publish(out, chunks, expected, pool, job, stats, manifest, labeled, cfg.soft))
     if state.is_main_process:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import subprocess
 import time
@@ -263,3 +264,38 @@ def test_a_corrupt_sample_is_skipped_listed_and_selection_still_finds_the_right_
     assert everything["num_samples"] == manifest["num_samples"]  # every key matched the image at its position
     with pytest.raises(UserError, match=r"were corrupt, more than data.max_bad_fraction=0.0 allows"):
         pseudo_label(teacher8, pool, tmp_path / "strict", InferenceConfig(batch_size=32, workers=0, max_bad_fraction=0.0))
+
+
+PROGRESS_LINE = re.compile(r"pseudo-label (\d+)/(\d+) samples \((\d+)%\) \| (\d+) samples/s \| ETA \d+:\d\d:\d\d")
+
+
+def progress(text: str) -> list[tuple[int, int]]:
+    """(done, total) of each progress line."""
+    lines = [line for line in text.splitlines() if line.startswith("pseudo-label ")]
+    found = [PROGRESS_LINE.fullmatch(line) for line in lines]
+    assert all(found), lines
+    return [(int(m.group(1)), int(m.group(2))) for m in found]
+
+
+def test_the_command_prints_a_progress_line_per_interval(teacher8, digits_shards, tmp_path):
+    """Interval 0 s: a line after every batch, on stderr (a pipe here, as in a log)."""
+    pool = load_manifest(digits_shards / "unlabeled")
+    done = run_cli("pseudo-label", str(teacher8), "--shards", str(digits_shards), "--out", str(tmp_path / "out"), "--batch-size", "64",
+                   env={"DIST_SSL_PROGRESS_SECONDS": "0"})
+    assert done.returncode == 0, done.stderr
+    lines = progress(done.stderr)
+    assert len(lines) == sum(-(-s.num_samples // 64) for s in pool.shards)
+    assert {total for _, total in lines} == {pool.num_samples}
+    assert [d for d, _ in lines] == sorted({d for d, _ in lines}) and lines[-1][0] == pool.num_samples
+    print(done.stderr.splitlines()[-1])
+
+
+def test_a_progress_line_every_n_batches(teacher8, digits_shards, tmp_path, monkeypatch, capsys):
+    from dist_ssl.inference import pseudo_label as module
+
+    monkeypatch.setattr(module, "LINE_EVERY_BATCHES", 2)
+    pseudo_label(teacher8, digits_shards / "unlabeled", tmp_path / "out", InferenceConfig(batch_size=64, workers=0))
+    done = [d for d, _ in progress(capsys.readouterr().err)]
+    assert done[-1] == load_manifest(digits_shards / "unlabeled").num_samples
+    gaps = np.diff([0, *done[:-1]])
+    assert len(done) > 3 and all(128 <= gap < 128 + 64 for gap in gaps)  # 2 batches of 64, or a shard's short batch more

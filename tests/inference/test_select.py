@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 
 import numpy as np
@@ -173,3 +174,14 @@ def test_the_command_line(labels8, tmp_path):
     wrong = run_cli("select", str(labels8), "--out", str(tmp_path / "x"), "--policy", "threshold", "--threshold", "1.5")
     assert wrong.returncode == 2 and wrong.stderr.strip().splitlines() == [
         "dist-ssl: error: argument --threshold: must be in [0, 1]; got 1.5 (see `dist-ssl select --help`)"]
+
+
+def test_the_command_prints_a_progress_line_about_every_output_shard(labels8, tmp_path):
+    done = run_cli("select", str(labels8), "--out", str(tmp_path / "all"), "--policy", "all", "--maxcount", "300")
+    assert done.returncode == 0, done.stderr
+    total = load_manifest(tmp_path / "all").num_samples
+    pattern = re.compile(rf"select (\d+)/{total} samples \((\d+)%\) \| (\d+) samples/s \| ETA \d+:\d\d:\d\d")
+    lines = [pattern.fullmatch(line) for line in done.stderr.splitlines() if line.startswith("select ")]
+    assert all(lines), done.stderr
+    assert [int(m.group(1)) for m in lines] == [*range(300, total, 300), total]
+    print(done.stderr.splitlines()[-1])
