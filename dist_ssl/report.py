@@ -128,11 +128,20 @@ def prediction_grid(run_dir: Path, shards: str | None, out: Path) -> tuple[Path 
     return path, f"{right} of {len(predicted)} right: the first test samples, newest checkpoint {loaded.folder.name}."
 
 
+def _allocator_text(allocator: dict) -> str:
+    """results.json's launch.cpu_allocator (engine/allocator.py) in words."""
+    parts = ["huge pages" if allocator.get("huge_pages") else "no huge pages"]
+    if allocator.get("retain_freed_memory"):
+        parts.append("freed memory kept")
+    return ", ".join(parts)
+
+
 def _results_table(results: dict) -> list[str]:
     def percent(value):
         return f"{value * 100:.2f} %" if isinstance(value, (int, float)) else "—"
 
-    launch = results.get("launch") or {}
+    launch = dict(results.get("launch") or {})
+    allocator = launch.pop("cpu_allocator", None)
     rows = [
         ("method", results.get("method")), ("dataset", results.get("dataset")),
         ("labels", f"{results.get('labels')} ({results.get('labels_per_class')} per class)"),
@@ -141,6 +150,7 @@ def _results_table(results: dict) -> list[str]:
         ("evaluated weights", results.get("evaluated_weights")), ("steps", results.get("steps")),
         ("processes", results.get("world_size")),
         ("launch", ", ".join(f"{k} {v}" for k, v in launch.items() if v is not None) or "—"),
+        *([("CPU allocator", _allocator_text(allocator))] if allocator and launch.get("device") == "cpu" else []),
         ("wall seconds", f"{results['wall_seconds']:.0f}" if "wall_seconds" in results else "—"),
         ("train samples/s", f"{results['train_samples_per_second']:.0f}" if results.get("train_samples_per_second") else "—"),
     ]

@@ -36,6 +36,8 @@ def test_report_of_a_fixmatch_run_draws_every_curve_and_the_predictions(digits_s
     text = report.read_text()
     assert f"| test accuracy | {results['test_accuracy'] * 100:.2f} % |" in text
     assert "| launch | distributed_type NO, device cpu, mixed_precision no |" in text
+    huge_pages = results["launch"]["cpu_allocator"]["huge_pages"]  # in-process: as pytest was started
+    assert f"| CPU allocator | {'huge pages' if huge_pages else 'no huge pages'} |" in text
     right = int(re.search(r"(\d) of 9 right", text).group(1))
     assert 0 <= right <= 9
 
