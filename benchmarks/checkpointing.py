@@ -144,7 +144,7 @@ def main() -> None:
         agreement(*map(Path, args.agreement))
         return
 
-    from dist_ssl.data.shards import write_dataset
+    from dist_ssl.data.shards.writer import write_dataset
     from dist_ssl.data.sources import load_source
 
     print(f"allocator: MALLOC_MMAP_MAX_={os.environ.get('MALLOC_MMAP_MAX_', 'unset')} "

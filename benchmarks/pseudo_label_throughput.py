@@ -48,7 +48,8 @@ ALLOCATOR = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
 
 
 def write_pool(out: Path, items, count: int, shards: int, header: dict) -> None:
-    from dist_ssl.data.shards import FORMAT, write_split
+    from dist_ssl.data.shards.manifest import FORMAT
+    from dist_ssl.data.shards.writer import write_split
 
     header = dict(header, format=FORMAT, protocol={"benchmark": True})
     write_split(items, out, "unlabeled", -(-count // shards), header)
@@ -100,7 +101,7 @@ def build_net(name: str, manifest):
 
 
 def first_shard(manifest):
-    from dist_ssl.data.shards import Manifest
+    from dist_ssl.data.shards.manifest import Manifest
 
     return Manifest(manifest.root, dict(manifest.data, shards=manifest.data["shards"][:1], num_samples=manifest.shards[0].num_samples))
 
@@ -109,8 +110,8 @@ def plain_loop(net, manifest, view, device, batch_size: int, top_p: int) -> tupl
     """The loop one writes first: per-sample decode and normalization, fp32, no workers."""
     import torch
 
-    from dist_ssl.data.shards import decode_sample
-    from dist_ssl.data.shards import raw_samples
+    from dist_ssl.data.shards.codec import decode_sample
+    from dist_ssl.data.shards.tar import raw_samples
 
     channels = manifest.shape[-1]
     top1 = {}
@@ -157,7 +158,7 @@ def worker(args) -> None:
     import torch
 
     from dist_ssl.config import AugmentConfig
-    from dist_ssl.data.shards import load_manifest
+    from dist_ssl.data.shards.manifest import load_manifest
     from dist_ssl.data.transforms import build_views
     from dist_ssl.engine.accelerator import process_state
 

@@ -34,7 +34,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dist_ssl.config import AugmentConfig  # noqa: E402
-from dist_ssl.data.shards import load_manifest, raw_samples, write_split  # noqa: E402
+from dist_ssl.data.shards.manifest import load_manifest
+from dist_ssl.data.shards.tar import raw_samples
+from dist_ssl.data.shards.writer import write_split  # noqa: E402
 from dist_ssl.data.sources import load_source  # noqa: E402
 from dist_ssl.data.streams import EvalStream, TrainStream, loader  # noqa: E402
 from dist_ssl.data.transforms import build_views  # noqa: E402

@@ -97,7 +97,7 @@ def synthetic_images(n: int, seed: int):
 
 
 def write_shards(root: Path) -> Path:
-    from dist_ssl.data.shards import write_dataset
+    from dist_ssl.data.shards.writer import write_dataset
     from dist_ssl.data.sources import Pool, Source
 
     out = root / "synthetic-cifar"

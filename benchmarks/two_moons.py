@@ -36,7 +36,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dist_ssl.config import load_config, role_model  # noqa: E402
-from dist_ssl.data.shards import load_manifest, write_dataset  # noqa: E402
+from dist_ssl.data.shards.manifest import load_manifest
+from dist_ssl.data.shards.writer import write_dataset  # noqa: E402
 from dist_ssl.data.sources import load_source  # noqa: E402
 from dist_ssl.data.streams import EvalStream, mix  # noqa: E402
 from dist_ssl.data.transforms import View, build_views  # noqa: E402

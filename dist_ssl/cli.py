@@ -38,7 +38,7 @@ def _size(text: str) -> int:
 
 
 def _shards_write(args) -> int:
-    from dist_ssl.data.shards import write_dataset
+    from dist_ssl.data.shards.writer import write_dataset
     from dist_ssl.data.sources import load_source
 
     source = load_source(args.source, path=args.path, seed=args.seed, download=args.download)
@@ -55,7 +55,7 @@ def _shards_write(args) -> int:
 
 
 def _shards_verify(args) -> int:
-    from dist_ssl.data.shards import one_torch_thread, verify
+    from dist_ssl.data.shards.verify import one_torch_thread, verify
 
     one_torch_thread()
     reports = verify(args.folder, args.workers, allow_pipe=args.allow_pipe)
@@ -195,7 +195,8 @@ ALLOW_PIPE_HELP = ("open shard URLs of the manifests that run a command (pipe:),
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dist_ssl.data.shards import DEFAULT_MAXCOUNT, DEFAULT_MAXSIZE, ENCODINGS
+    from dist_ssl.data.shards.codec import ENCODINGS
+    from dist_ssl.data.shards.writer import DEFAULT_MAXCOUNT, DEFAULT_MAXSIZE
     from dist_ssl.data.sources import SOURCES
 
     parser = _Parser(prog="dist-ssl", description=__doc__.splitlines()[0])

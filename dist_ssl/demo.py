@@ -36,7 +36,7 @@ def run_demo(out: str | None, shards: str, processes: int) -> int:
     out_dir = Path(out or time.strftime("runs/demo-%Y%m%d-%H%M%S"))
     shard_dir = Path(shards)
     if not (shard_dir / "test" / "manifest.json").is_file():
-        from dist_ssl.data.shards import write_dataset
+        from dist_ssl.data.shards.writer import write_dataset
         from dist_ssl.data.sources import load_source
 
         print(f"writing digits shards (5 labels per class, seed 0) to {shard_dir}", flush=True)

@@ -30,7 +30,6 @@ import yaml
 from dist_ssl.config import Config, PipelineConfig, SelectConfig, save_config, to_dict
 from dist_ssl.errors import UserError
 from dist_ssl.files import atomic_write_json
-from dist_ssl.inference.jobs import on_main
 
 
 def _stage(cfg: Config, pipeline: PipelineConfig, folder: Path, **data) -> Config:
@@ -89,7 +88,7 @@ class _Board:
     def round(self, round_: int, predictions: dict, selected: dict, selected_dir: Path) -> None:
         if self.writer is None:
             return
-        from dist_ssl.inference.report import log_statistics, sample_grid
+        from dist_ssl.inference.label_stats import log_statistics, sample_grid
 
         log_statistics(self.writer, "pseudo_labels/pool", predictions["statistics"], round_)
         log_statistics(self.writer, "pseudo_labels/selected", selected["pseudo_labels"]["statistics"], round_)
@@ -123,7 +122,7 @@ def _say(text: str) -> None:
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
-    from dist_ssl.engine.accelerator import process_state
+    from dist_ssl.engine.accelerator import on_main, process_state
     from dist_ssl.engine.loop import split_path
     from dist_ssl.inference.pseudo_label import pseudo_label
     from dist_ssl.inference.select import select

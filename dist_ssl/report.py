@@ -77,7 +77,7 @@ def prediction_grid(run_dir: Path, shards: str | None, out: Path) -> tuple[Path 
     import numpy as np
     import torch
 
-    from dist_ssl.data.shards import load_manifest
+    from dist_ssl.data.shards.manifest import load_manifest
     from dist_ssl.data.transforms import build_views
     from dist_ssl.engine.evaluate import check_matches, first_samples, load_network
 

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def digits_shards(tmp_path_factory) -> Path:
     """digits, 5 labels per class, 100 samples per shard: 1 labeled, 13 unlabeled, 6 test shards."""
-    from dist_ssl.data.shards import write_dataset
+    from dist_ssl.data.shards.writer import write_dataset
     from dist_ssl.data.sources import load_source
 
     out = tmp_path_factory.mktemp("shards") / "digits"

@@ -24,12 +24,13 @@ from typing import Callable, Iterator, Literal
 
 import numpy as np
 
+from dist_ssl.data.shards.codec import INPUT_EXTENSIONS, decode_member, read_image_file
+from dist_ssl.data.shards.manifest import SPLITS, load_manifest
 from dist_ssl.errors import UserError
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 # What PIL and torchvision's ImageFolder read; the shard writer re-encodes every image anyway.
 IMAGE_FILE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 
 
 @dataclass
@@ -290,15 +291,6 @@ def stl10(options: SourceOptions) -> Source:
 # image files: an ImageFolder tree, or a folder of unlabeled images
 
 
-def read_image_file(path: str | Path) -> np.ndarray:
-    """An image file -> HWC uint8 with 1 (grey modes) or 3 channels (everything else, alpha dropped)."""
-    from PIL import Image
-
-    with Image.open(path) as image:
-        array = np.asarray(image.convert("L" if image.mode in GREY_MODES else "RGB"))
-    return array[..., None] if array.ndim == 2 else array
-
-
 def _file_pool(origin: str, paths: list[str], labels: np.ndarray | None, root: Path) -> Pool:
     # A sample's key is its file's path below the root, made a valid WebDataset key (no dots: they
     # start the extension).
@@ -358,8 +350,6 @@ def _index_tars(tar_paths: list[Path], label_member: str) -> tuple[list[str], np
 
     from webdataset.tariterators import base_plus_ext
 
-    from dist_ssl.data.shards import INPUT_EXTENSIONS
-
     keys: list[str] = []
     where: list[tuple[int, int, int]] = []
     exts: list[str] = []
@@ -397,8 +387,6 @@ def _index_tars(tar_paths: list[Path], label_member: str) -> tuple[list[str], np
 
 
 def _tar_pool(origin: str, tar_paths: list[Path], label_member: str) -> Pool:
-    from dist_ssl.data.shards import decode_member
-
     keys, where, exts, labels = _index_tars(tar_paths, label_member)
 
     def read(index: int) -> np.ndarray:
@@ -423,8 +411,6 @@ def tars(options: SourceOptions) -> Source:
     and keys kept. Any other folder of `.tar` files (a dist-ssl split, or WebDataset shards from elsewhere:
     `KEY.png|jpg|npy` + optional `KEY.cls`) is one pool: labeled when its samples carry `.cls`, else unlabeled.
     """
-    from dist_ssl.data.shards import SPLITS, load_manifest
-
     root = _root(options, "tars", "the .tar shards (or a dist-ssl dataset folder)")
     if not root.is_dir():
         raise UserError(f"tars: folder not found: {root}")

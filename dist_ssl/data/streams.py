@@ -47,7 +47,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from dist_ssl.data.shards import DataError, Manifest, check_local_shards, decode_sample, raw_samples  # noqa: F401  (raw_samples: re-exported)
+from dist_ssl.data.shards.codec import decode_sample
+from dist_ssl.data.shards.manifest import DataError, Manifest, check_local_shards
+from dist_ssl.data.shards.tar import raw_samples
 from dist_ssl.errors import UserError
 
 _MASK = (1 << 64) - 1

@@ -4,10 +4,13 @@ networks and optimizers of a training run for it (DDP, or one DeepSpeed engine).
 from __future__ import annotations
 
 import os
+from typing import Callable, TypeVar
 
 import torch
 
 from dist_ssl.errors import UserError
+
+T = TypeVar("T")
 
 
 def _on_cpu() -> bool:
@@ -203,3 +206,29 @@ def process_state():
     from accelerate import PartialState
 
     return PartialState(cpu=_on_cpu())
+
+
+def on_main(state, decide: Callable[[], T]) -> T:
+    """`decide()` on rank 0 only; every rank returns its result, or raises the error it raised."""
+    outcome: list = [None]
+    failure = None
+    if state.is_main_process:
+        try:
+            outcome = [("ok", decide())]
+        except UserError as exc:
+            outcome = [("error", str(exc))]
+        except BaseException as exc:  # a bug on rank 0: the others must not wait for it forever
+            outcome = [("crash", f"rank 0 failed with {type(exc).__name__}: {exc}")]
+            failure = exc
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(outcome, from_process=0)
+    if failure is not None:
+        raise failure
+    kind, value = outcome[0]
+    if kind == "error":
+        raise UserError(value)
+    if kind == "crash":
+        raise RuntimeError(value)
+    return value

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dist_ssl.data.shards import Manifest
+from dist_ssl.data.shards.manifest import Manifest
 from dist_ssl.data.streams import DEFAULT_MAX_BAD_FRACTION, EvalStream, loader
 from dist_ssl.data.transforms import View
 from dist_ssl.errors import UserError
@@ -109,7 +109,7 @@ def check_matches(manifest: Manifest, meta: dict) -> None:
 def evaluate_checkpoint(path: str, shards: str, split: str = "test", batch_size: int = 256, weights: str = "auto",
                         allow_pipe: bool = False) -> dict:
     """Evaluate a committed checkpoint (step-N folder or run folder) on a split of `shards`."""
-    from dist_ssl.data.shards import load_manifest
+    from dist_ssl.data.shards.manifest import load_manifest
     from dist_ssl.data.transforms import build_views
     from dist_ssl.engine.accelerator import make_accelerator
 

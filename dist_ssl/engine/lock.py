@@ -259,8 +259,7 @@ def run_lock(folder: str | Path) -> Iterator[None]:
     """Hold the lock on `folder` on rank 0 for the block. Every rank learns rank 0's verdict, so a
     refused command exits 2 on every rank rather than leaving ranks waiting for a barrier. Inside a
     folder this process already holds (a fine-tune stage, a pipeline's stages) it does nothing."""
-    from dist_ssl.engine.accelerator import process_state
-    from dist_ssl.inference.jobs import on_main
+    from dist_ssl.engine.accelerator import on_main, process_state
 
     folder = Path(folder)
     if held_over(folder) is not None:

@@ -24,7 +24,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from dist_ssl.config import Config, role_model, save_config, to_dict
 from dist_ssl.data import device_views
-from dist_ssl.data.shards import Manifest, load_manifest
+from dist_ssl.data.shards.manifest import Manifest, load_manifest
 from dist_ssl.data.streams import TrainStream, loader, mix
 from dist_ssl.data.transforms import build_views
 from dist_ssl.engine import checkpoint, preemption
@@ -32,13 +32,17 @@ from dist_ssl.engine.accelerator import launch_facts, make_accelerator, prepare_
 from dist_ssl.engine.allocator import allocator_facts, keep_freed_memory
 from dist_ssl.engine.evaluate import evaluate, first_samples, predict
 from dist_ssl.engine.finetune import finetune_config
-from dist_ssl.engine.logging import RunLogger, confusion_figure, flat_settings, pseudo_label_figure
+from dist_ssl.engine.logging import (
+    RunLogger,
+    confusion_figure,
+    flat_settings,
+    pseudo_label_figure,
+)
 from dist_ssl.engine.optim import Stepper, build_optimizer, build_scheduler
 from dist_ssl.errors import UserError
 from dist_ssl.methods import get_method
 from dist_ssl.methods.base import Method, StepContext, StepOutput, TrainBatch
 from dist_ssl.models import build_model
-
 
 GRID_SAMPLES = 25  # unlabeled samples in TensorBoard's pseudo-label grid
 

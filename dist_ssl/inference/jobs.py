@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable, Sequence, TypeVar
+from typing import Sequence
 
 import numpy as np
 
@@ -25,7 +25,6 @@ from dist_ssl.engine.lock import LOCK
 from dist_ssl.errors import UserError
 from dist_ssl.files import atomic_write_json
 
-T = TypeVar("T")
 MANIFEST = "manifest.json"
 JOB = "job.json"
 
@@ -46,32 +45,6 @@ def contiguous_blocks(sizes: Sequence[int], parts: int) -> list[range]:
         owner = np.arange(n, dtype=np.int64) * parts // max(n, 1)
     bounds = np.searchsorted(owner, np.arange(parts + 1), side="left")
     return [range(int(bounds[p]), int(bounds[p + 1])) for p in range(parts)]
-
-
-def on_main(state, decide: Callable[[], T]) -> T:
-    """`decide()` on rank 0 only; every rank returns its result, or raises the error it raised."""
-    outcome: list = [None]
-    failure = None
-    if state.is_main_process:
-        try:
-            outcome = [("ok", decide())]
-        except UserError as exc:
-            outcome = [("error", str(exc))]
-        except BaseException as exc:  # a bug on rank 0: the others must not wait for it forever
-            outcome = [("crash", f"rank 0 failed with {type(exc).__name__}: {exc}")]
-            failure = exc
-    if state.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        broadcast_object_list(outcome, from_process=0)
-    if failure is not None:
-        raise failure
-    kind, value = outcome[0]
-    if kind == "error":
-        raise UserError(value)
-    if kind == "crash":
-        raise RuntimeError(value)
-    return value
 
 
 def claim_folder(out: Path, job: dict, what: str) -> dict | None:

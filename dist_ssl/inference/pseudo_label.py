@@ -40,13 +40,20 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from dist_ssl.config import InferenceConfig
-from dist_ssl.data.shards import DataError, Manifest, check_local_shards, load_manifest, raw_samples, sha256_file
+from dist_ssl.data.shards.manifest import (
+    DataError,
+    Manifest,
+    check_local_shards,
+    load_manifest,
+    sha256_file,
+)
+from dist_ssl.data.shards.tar import raw_samples
 from dist_ssl.data.streams import SampleChecker, loader
 from dist_ssl.engine.logging import Progress
 from dist_ssl.errors import UserError
 from dist_ssl.files import atomic_write, atomic_write_json
-from dist_ssl.inference.jobs import MANIFEST, claim_folder, contiguous_blocks, on_main
-from dist_ssl.inference.report import LabelStats
+from dist_ssl.inference.jobs import MANIFEST, claim_folder, contiguous_blocks
+from dist_ssl.inference.label_stats import LabelStats
 
 FORMAT = "dist-ssl-pseudo-labels/1"
 LINE_EVERY_BATCHES = 100  # a progress line at least this often (and every 30 s: engine.logging.Progress)
@@ -300,7 +307,7 @@ def label_pool(net: torch.nn.Module, pool: Manifest, view, out: Path, job: dict,
     `job` says where the predictions come from (checkpoint, step, weights...); a folder that holds
     another job is refused. Call it on every rank.
     """
-    from dist_ssl.engine.accelerator import process_state
+    from dist_ssl.engine.accelerator import on_main, process_state
 
     state = process_state()
     dtype = autocast_dtype(cfg.precision, state.device)

@@ -34,14 +34,21 @@ from pathlib import Path
 import numpy as np
 
 from dist_ssl.config import SelectConfig
-from dist_ssl.data.shards import FORMAT as SHARDS_FORMAT
-from dist_ssl.data.shards import INPUT_EXTENSIONS, DataError, Manifest, load_manifest, raw_samples, sha256_file
+from dist_ssl.data.shards.codec import INPUT_EXTENSIONS
+from dist_ssl.data.shards.manifest import FORMAT as SHARDS_FORMAT
+from dist_ssl.data.shards.manifest import (
+    DataError,
+    Manifest,
+    load_manifest,
+    sha256_file,
+)
+from dist_ssl.data.shards.tar import raw_samples
 from dist_ssl.engine.logging import Progress
 from dist_ssl.errors import UserError
 from dist_ssl.files import atomic_write, atomic_write_json
-from dist_ssl.inference.jobs import MANIFEST, claim_folder, contiguous_blocks, on_main
+from dist_ssl.inference.jobs import MANIFEST, claim_folder, contiguous_blocks
 from dist_ssl.inference.pseudo_label import load_predictions_manifest, read_predictions
-from dist_ssl.inference.report import LabelStats
+from dist_ssl.inference.label_stats import LabelStats
 
 JOB_FORMAT = "dist-ssl-selection/1"
 PLAN = "plan.npz"
@@ -277,7 +284,7 @@ def select(predictions: str | Path, out: str | Path, cfg: SelectConfig, labeled_
     """Write the selection of a published pseudo-label folder as a labeled split in `out`; returns
     its manifest. `labeled_dir`: a labeled split to copy in as well. `allow_pipe`: see data.allow_pipe.
     Call it on every rank."""
-    from dist_ssl.engine.accelerator import process_state
+    from dist_ssl.engine.accelerator import on_main, process_state
 
     predictions, out = Path(predictions), Path(out)
     manifest = load_predictions_manifest(predictions)

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dist_ssl.data.shards import raw_samples, sha256_file
+from dist_ssl.data.shards.manifest import sha256_file
+from dist_ssl.data.shards.tar import raw_samples
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:

@@ -5,13 +5,19 @@ from itertools import islice
 
 import pytest
 import torch
-from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from dist_ssl.config import AugmentConfig
 from dist_ssl.data import device_views
-from dist_ssl.data.device_views import BatchedImageView, build_batched_views, crop_and_flip, cutout, on_device
-from dist_ssl.data.shards import load_manifest
+from dist_ssl.data.device_views import (
+    BatchedImageView,
+    build_batched_views,
+    crop_and_flip,
+    cutout,
+    on_device,
+)
+from dist_ssl.data.shards.manifest import load_manifest
 from dist_ssl.data.streams import TrainStream, loader, mix
 from dist_ssl.data.transforms import build_views, normalization
 

@@ -6,9 +6,12 @@ import tarfile
 import numpy as np
 import pytest
 
-from dist_ssl.data.shards import decode_sample, load_manifest, sha256_file, verify, write_dataset
+from dist_ssl.data.shards.codec import decode_sample
+from dist_ssl.data.shards.manifest import load_manifest, sha256_file
+from dist_ssl.data.shards.tar import raw_samples
+from dist_ssl.data.shards.verify import verify
+from dist_ssl.data.shards.writer import write_dataset
 from dist_ssl.data.sources import load_source
-from dist_ssl.data.streams import raw_samples
 from dist_ssl.errors import UserError
 from tests.conftest import run_cli
 
@@ -85,7 +88,7 @@ def test_bad_manifests(tmp_path, content, message):
 
 
 def test_decoded_images_match_the_source(digits_shards):
-    from dist_ssl.data.shards import decode_sample
+    from dist_ssl.data.shards.codec import decode_sample
 
     source = load_source("digits")
     raw = next(raw_samples(str(digits_shards / "test" / "test-000000.tar")))
@@ -208,7 +211,7 @@ def test_tar_members_reads_what_tarfile_reads(tmp_path, tar_format):
     long names (ustar prefix, GNU 'L', PAX 'path'), a float mtime (PAX), directories, a link, metadata."""
     import io
 
-    from dist_ssl.data.shards import tar_members
+    from dist_ssl.data.shards.tar import tar_members
 
     deep = "a" * 60 + "/" + "b" * 60 + "/sample.0001"
     files = {"x/k1.png": b"\x89PNG" * 100, "x/k1.cls": b"3", f"{deep}.png": b"p" * 513, f"{deep}.cls": b"7",
@@ -235,7 +238,7 @@ def test_tar_members_reads_what_tarfile_reads(tmp_path, tar_format):
 def test_tar_members_rejects_a_damaged_header():
     import io
 
-    from dist_ssl.data.shards import tar_members
+    from dist_ssl.data.shards.tar import tar_members
 
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:

@@ -11,10 +11,21 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from dist_ssl.data.shards import decode_sample, load_manifest, raw_samples, write_dataset
+from dist_ssl.data.shards.codec import decode_sample
+from dist_ssl.data.shards.manifest import load_manifest
+from dist_ssl.data.shards.tar import raw_samples
+from dist_ssl.data.shards.writer import write_dataset
 from dist_ssl.data.sources import FASHION_MNIST_DIR, load_source, plan_splits
 from dist_ssl.errors import UserError
-from tests.data.conftest import fake_cifar, fake_idx, fake_imagefolder, fake_stl10, fake_svhn, png_bytes, write_png
+from tests.data.conftest import (
+    fake_cifar,
+    fake_idx,
+    fake_imagefolder,
+    fake_stl10,
+    fake_svhn,
+    png_bytes,
+    write_png,
+)
 
 
 def pools_by_key(source):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from dist_ssl.config import AugmentConfig
-from dist_ssl.data.shards import DataError, load_manifest
+from dist_ssl.data.shards.manifest import DataError, load_manifest
 from dist_ssl.data.streams import EvalStream, TrainStream, loader, unit_samples
 from dist_ssl.data.transforms import build_views
 from dist_ssl.errors import UserError
@@ -194,7 +194,7 @@ def test_eval_stream_is_exactly_once(digits_shards, split, world, workers):
 
 STREAM_SCRIPT = """
 import json, os, sys
-from dist_ssl.data.shards import load_manifest
+from dist_ssl.data.shards.manifest import load_manifest
 from dist_ssl.data.streams import TrainStream, loader
 from tests.data.test_streams import views_for
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dist_ssl.data.shards import load_manifest
+from dist_ssl.data.shards.manifest import load_manifest
 from dist_ssl.engine.evaluate import evaluate_checkpoint
 from dist_ssl.engine.loop import train
 from tests.conftest import REPO, accelerate_command, run_cli, tiny_config

@@ -5,7 +5,7 @@ import tarfile
 import pytest
 import torch
 
-from dist_ssl.data.shards import load_manifest, sha256_file
+from dist_ssl.data.shards.manifest import load_manifest, sha256_file
 from dist_ssl.engine import checkpoint
 from dist_ssl.engine.loop import train
 from dist_ssl.errors import UserError

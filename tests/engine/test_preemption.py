@@ -21,7 +21,14 @@ from dist_ssl.engine import checkpoint, preemption
 from dist_ssl.engine.accelerator import make_accelerator
 from dist_ssl.engine.evaluate import evaluate_checkpoint
 from dist_ssl.engine.loop import train
-from tests.conftest import REPO, accelerate_command, assert_same_checkpoint, free_port, kill_tree, tiny_config
+from tests.conftest import (
+    REPO,
+    accelerate_command,
+    assert_same_checkpoint,
+    free_port,
+    kill_tree,
+    tiny_config,
+)
 
 RESUMABLE = ("model.dropout=0.3", "data.workers=1", "train.keep_last=10")
 
@@ -241,7 +248,7 @@ def test_a_rank_dying_while_it_writes_leaves_the_previous_checkpoint_to_resume(d
 def test_dataloader_workers_outlive_a_signal_sent_to_every_process(digits_shards):
     """SLURM and torchrun signal the workers too; the training process must still get its batches."""
     from dist_ssl.config import AugmentConfig
-    from dist_ssl.data.shards import load_manifest
+    from dist_ssl.data.shards.manifest import load_manifest
     from dist_ssl.data.streams import TrainStream, loader
     from dist_ssl.data.transforms import build_views
 

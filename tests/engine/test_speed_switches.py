@@ -60,7 +60,7 @@ def test_a_speed_switch_leaves_the_first_losses_unchanged(digits_shards, tmp_pat
 def one_shard_digits(tmp_path_factory):
     """digits with one shard per split: two ranks read strided halves of the order one process
     reads whole, so both layouts see the same global batches."""
-    from dist_ssl.data.shards import write_dataset
+    from dist_ssl.data.shards.writer import write_dataset
     from dist_ssl.data.sources import load_source
 
     out = tmp_path_factory.mktemp("shards") / "digits-one-shard"

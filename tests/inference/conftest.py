@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dist_ssl.data.shards import FORMAT, load_manifest, sha256_file
-from dist_ssl.data.shards import raw_samples
+from dist_ssl.data.shards.manifest import FORMAT, load_manifest, sha256_file
+from dist_ssl.data.shards.tar import raw_samples
 
 UNEVEN = [3, 400, 1, 250, 5, 348, 200]  # 7 shards, 1,207 samples: the digits unlabeled split
 
@@ -45,7 +45,7 @@ def digits32(tmp_path_factory) -> Path:
     images whose inference takes long enough to kill a run in the middle of it."""
     from sklearn.datasets import load_digits
 
-    from dist_ssl.data.shards import write_dataset
+    from dist_ssl.data.shards.writer import write_dataset
     from dist_ssl.data.sources import Pool, Source
 
     bunch = load_digits()

@@ -14,14 +14,18 @@ import numpy as np
 import pytest
 
 from dist_ssl.config import InferenceConfig
-from dist_ssl.data.shards import load_manifest
-from dist_ssl.data.shards import raw_samples
+from dist_ssl.data.shards.manifest import load_manifest
+from dist_ssl.data.shards.tar import raw_samples
 from dist_ssl.errors import UserError
 from dist_ssl.inference.jobs import contiguous_blocks
-from dist_ssl.inference.pseudo_label import key_hashes, load_predictions_manifest, pseudo_label, read_predictions
-from tests.conftest import REPO, accelerate_command, run_cli
+from dist_ssl.inference.pseudo_label import (
+    key_hashes,
+    load_predictions_manifest,
+    pseudo_label,
+    read_predictions,
+)
+from tests.conftest import REPO, accelerate_command, kill_tree, run_cli
 from tests.inference.conftest import UNEVEN, repack
-from tests.conftest import kill_tree
 
 FAST = InferenceConfig(batch_size=32, workers=0)
 
@@ -205,7 +209,7 @@ def test_a_truncated_shard_is_one_error_naming_it(teacher8, digits_shards, tmp_p
 
 
 def test_cli_errors_are_one_line(teacher8, tmp_path):
-    from dist_ssl.data.shards import write_dataset
+    from dist_ssl.data.shards.writer import write_dataset
     from dist_ssl.data.sources import load_source
 
     moons = tmp_path / "moons"
@@ -236,7 +240,7 @@ def test_a_corrupt_sample_is_skipped_listed_and_selection_still_finds_the_right_
     import tarfile
 
     from dist_ssl.config import SelectConfig
-    from dist_ssl.data.shards import sha256_file
+    from dist_ssl.data.shards.manifest import sha256_file
     from dist_ssl.inference.select import select
 
     victim = {}

@@ -13,12 +13,17 @@ import pytest
 import torch
 
 from dist_ssl.config import InferenceConfig, SelectConfig
-from dist_ssl.data.shards import load_manifest, sha256_file
-from dist_ssl.data.streams import TrainStream, raw_samples
+from dist_ssl.data.shards.manifest import load_manifest, sha256_file
+from dist_ssl.data.shards.tar import raw_samples
+from dist_ssl.data.streams import TrainStream
 from dist_ssl.data.transforms import View
 from dist_ssl.engine.loop import train
 from dist_ssl.errors import UserError
-from dist_ssl.inference.pseudo_label import load_predictions_manifest, pseudo_label, read_predictions
+from dist_ssl.inference.pseudo_label import (
+    load_predictions_manifest,
+    pseudo_label,
+    read_predictions,
+)
 from dist_ssl.inference.select import select
 from tests.conftest import run_cli, tiny_config
 

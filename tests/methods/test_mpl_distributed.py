@@ -21,7 +21,8 @@ STEPS = 3
 
 @pytest.fixture(scope="module")
 def moons_shards(tmp_path_factory):
-    from dist_ssl.data.shards import load_manifest, write_dataset
+    from dist_ssl.data.shards.manifest import load_manifest
+    from dist_ssl.data.shards.writer import write_dataset
     from dist_ssl.data.sources import load_source
 
     out = tmp_path_factory.mktemp("shards") / "moons"

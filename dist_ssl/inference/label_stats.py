@@ -113,8 +113,9 @@ def sample_grid(split_dir: Path, class_names: list[str], count: int = 64, column
     when the hidden truth agrees, red when it does not, white when there is none (HWC uint8)."""
     from PIL import Image, ImageDraw, ImageFont
 
-    from dist_ssl.data.shards import decode_sample, load_manifest
-    from dist_ssl.data.shards import raw_samples
+    from dist_ssl.data.shards.codec import decode_sample
+    from dist_ssl.data.shards.manifest import load_manifest
+    from dist_ssl.data.shards.tar import raw_samples
 
     manifest = load_manifest(split_dir)
     if manifest.kind != "image" or manifest.num_samples == 0:
