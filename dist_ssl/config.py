@@ -428,7 +428,11 @@ def _unknown_key(key: str, prefix: str, root: type = Config) -> UserError:
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Convert a YAML or command-line value to the field's type, or fail naming the key."""
+    """Convert a YAML or command-line value to the field's type, or fail naming the key.
+
+    Why not pydantic or OmegaConf: this and `_build` are ~90 lines over the stdlib dataclasses that
+    every room already imports, and give the errors we promise (the dotted key, its closest valid
+    key, one line) with no dependency the GPU images would have to carry (they install --no-deps)."""
     origin = typing.get_origin(tp)
     if origin is Literal:
         choices = typing.get_args(tp)

@@ -58,7 +58,10 @@ _REPORTED_PER_READER = 20  # corrupt samples printed by one reader; the rest are
 
 
 def mix(*values: int) -> int:
-    """A 63-bit hash of integers (splitmix64 steps): seeds that differ for every (seed, epoch, ...)."""
+    """A 63-bit hash of integers (splitmix64 steps): seeds that differ for every (seed, epoch, ...).
+
+    Why not numpy's SeedSequence: it runs once per view of every sample, and SeedSequence costs
+    26 us a call against 5 us here (measured); splitmix64 is the standard 64-bit seed mixer."""
     state = 0x9E3779B97F4A7C15
     for value in values:
         state = (state + (value & _MASK) + 0x9E3779B97F4A7C15) & _MASK

@@ -60,6 +60,13 @@ class Progress:
 
 
 class RunLogger:
+    """Training metrics: window averages over every rank, TensorBoard, progress lines.
+
+    Why not accelerate's trackers: they log what each call is handed, on the main process; a window
+    here is summed over ranks in one all-reduce, kept in checkpoints (a resumed run logs the same
+    values), and the hparams carry the test accuracy as their metric (the tracker stores hparams
+    without one)."""
+
     def __init__(self, run_dir: Path, accelerator, total_steps: int, start_step: int):
         self.accelerator = accelerator
         self.main = accelerator.is_main_process
