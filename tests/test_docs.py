@@ -76,7 +76,7 @@ def test_every_config_key_is_in_configs_md(root):
 # (b) every relative link resolves
 
 LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)|!\[[^\]]*\]\(([^)\s]+)\)")
-FENCE = re.compile(r"^(```|~~~).*?^\1", re.S | re.M)
+FENCE = re.compile(r"^(```|~~~).*?^\1", re.DOTALL | re.MULTILINE)
 
 
 def github_slug(heading: str) -> str:
@@ -92,7 +92,7 @@ def anchors(page: Path) -> set[str]:
     seen: dict[str, int] = {}
     out = set()
     text = FENCE.sub("", page.read_text())  # a '# comment' in a code block is no heading
-    for match in re.finditer(r"^#{1,6}\s+(.+?)\s*#*\s*$", text, re.M):
+    for match in re.finditer(r"^#{1,6}\s+(.+?)\s*#*\s*$", text, re.MULTILINE):
         slug = github_slug(match.group(1))
         n = seen.get(slug, 0)
         out.add(slug if n == 0 else f"{slug}-{n}")  # GitHub numbers repeated headings
