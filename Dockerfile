@@ -3,10 +3,12 @@
 #   docker build -t dist-ssl .
 #   docker build --build-arg BASE_IMAGE=pytorch/pytorch:2.6.0-cuda12.4-cudnn9-runtime -t dist-ssl .
 #   docker run --rm -v $PWD/shards:/app/shards dist-ssl shards write digits --out /app/shards/digits-5pc --labels-per-class 5
-#   docker run --rm --gpus all -v $PWD/shards:/app/shards -v $PWD/runs:/app/runs dist-ssl \
+#   docker run --rm --gpus all --shm-size=8g -v $PWD/shards:/app/shards -v $PWD/runs:/app/runs dist-ssl \
 #       train configs/digits/fixmatch.yaml data.shards=/app/shards/digits-5pc train.output_dir=/app/runs/fixmatch
 # The entrypoint is `dist-ssl`: arguments are its verbs. Several GPUs:
-#   docker run ... --entrypoint accelerate dist-ssl launch --multi_gpu -m dist_ssl train CONFIG ...
+#   docker run --rm --gpus all --shm-size=8g ... --entrypoint accelerate dist-ssl launch --multi_gpu -m dist_ssl train CONFIG ...
+# Training needs --shm-size (or --ipc=host): DataLoader workers pass batches through /dev/shm, which a
+# container gets at 64 MB by default (docs/where-it-runs.md#docker).
 # `make docker-test` builds and smoke-tests it with podman from a local Debian base (scripts/docker-test.sh).
 ARG BASE_IMAGE=pytorch/pytorch:2.6.0-cuda12.4-cudnn9-runtime
 FROM ${BASE_IMAGE}

@@ -1,7 +1,7 @@
 """Pseudo-labels per second: `dist-ssl pseudo-label`'s inference against a plain single-process fp32
 loop over the same shards, in one run, as ratios to that loop.
 
-    # CPU (Fashion-MNIST, small_cnn): the figures in README.md
+    # CPU (Fashion-MNIST, small_cnn): the figures in docs/pseudo-labels.md
     python benchmarks/pseudo_label_throughput.py
     # GPU (ResNet-50 at 224 px on synthetic JPEG shards; --processes N for N GPUs)
     python benchmarks/pseudo_label_throughput.py --source synthetic --image-size 224 --model resnet50 \

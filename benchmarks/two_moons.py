@@ -1,7 +1,7 @@
 """Seed 002's two-moons experiment: test accuracy of supervised, pseudo_label, fixmatch, mpl and smpl
 over 10 label draws, as mean +- std.
 
-    python benchmarks/two_moons.py                       # the table in README.md (~5 min on 2 cores)
+    python benchmarks/two_moons.py                       # the table in docs/methods.md (~5 min on 2 cores)
     python benchmarks/two_moons.py --draws 3 --methods mpl smpl --set method.mpl.uda_weight=1
     python benchmarks/two_moons.py --first-draw 100 --methods smpl   # tuning draws (never tune on 0-9)
 

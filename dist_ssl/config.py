@@ -35,7 +35,7 @@ class AugmentConfig:
     # Where views are computed: `per_sample` = torchvision v2 one sample at a time in the DataLoader
     # workers (the reference); `batched` = the workers only draw each sample's parameters and the
     # training device applies them to the whole batch (data/device_views.py: the same views, bit for
-    # bit); `auto` = batched, measured faster on CPU and GPU (README: Speed).
+    # bit); `auto` = batched, measured faster on CPU and GPU (docs/speed.md).
     path: Literal["auto", "per_sample", "batched"] = "auto"
 
     def __post_init__(self):
@@ -252,7 +252,7 @@ class TrainConfig:
     resume: str = "auto"  # auto (newest committed checkpoint) | never | path of a step-N folder
     ema_decay: float = 0.0  # EMA of the evaluated network (MPL: the student); 0 = off; evaluation uses it
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    channels_last: bool = False  # NHWC networks and inputs: on in the CIFAR FixMatch configs (README: Speed)
+    channels_last: bool = False  # NHWC networks and inputs: on in the CIFAR FixMatch configs (docs/speed.md)
     compile: bool = False  # torch.compile the networks (minutes of compilation before the first step)
     # CPU training: `retain` keeps freed memory in the heap instead of returning it to the kernel
     # every step: faster, at 1.2-1.3x the peak memory; `default` leaves glibc as the command started

@@ -76,8 +76,9 @@ dist-ssl report /app/runs/smoke
 test "$(id -u)" != 0'
 # podman run, as the image's user; where this machine does not let it set up a container (rlimits,
 # cgroups), the same commands run by chroot into the container's mounted root, as that user.
-# Limits within the host's own: crun cannot raise RLIMIT_NOFILE/NPROC here.
-if "${PODMAN[@]}" run --rm --ulimit "nofile=$(ulimit -Hn):$(ulimit -Hn)" --ulimit nproc=4096:4096 --entrypoint /bin/sh "$IMAGE" -c "$SMOKE"; then
+# Limits within the host's own: crun cannot raise RLIMIT_NOFILE/NPROC here. --shm-size as the docs
+# say for training: DataLoader workers pass batches through /dev/shm, 64 MB by default in a container.
+if "${PODMAN[@]}" run --rm --shm-size=1g --ulimit "nofile=$(ulimit -Hn):$(ulimit -Hn)" --ulimit nproc=4096:4096 --entrypoint /bin/sh "$IMAGE" -c "$SMOKE"; then
     echo "docker-test: smoke run inside the image (podman run) passed" >&2
 else
     echo "docker-test: podman run failed here; running the smoke test by chroot into the container instead" >&2

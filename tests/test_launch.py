@@ -1,4 +1,4 @@
-"""Every launcher the README shows, run for real on CPU (gloo): torchrun, two accelerate "nodes" on
+"""Every launcher docs/where-it-runs.md shows, run for real on CPU (gloo): torchrun, two accelerate "nodes" on
 loopback, the SLURM script under a fake SLURM (scontrol and srun as shell scripts on PATH), and every
 accelerate config in launch/ read by accelerate's own loader. Each 2-rank run must end with the
 checkpoint a 2-process `accelerate launch` on one machine ends with."""
@@ -46,7 +46,7 @@ def one_machine(digits_shards, tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_torchrun_trains_like_accelerate_launch(digits_shards, tmp_path, one_machine):
-    """README: torchrun --nproc_per_node 2 -m dist_ssl train CONFIG ..."""
+    """docs/where-it-runs.md: torchrun --nproc_per_node 2 -m dist_ssl train CONFIG ..."""
     out = tmp_path / "run"
     run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
          "-m", "dist_ssl", *train_args(digits_shards, out)])
@@ -55,7 +55,7 @@ def test_torchrun_trains_like_accelerate_launch(digits_shards, tmp_path, one_mac
 
 @pytest.mark.slow
 def test_two_machines_on_loopback_form_one_group(digits_shards, tmp_path, one_machine):
-    """Two `accelerate launch --num_machines 2` commands, one rank each, as on two nodes (README)."""
+    """Two `accelerate launch --num_machines 2` commands, one rank each, as on two nodes (docs/where-it-runs.md)."""
     out, port = tmp_path / "run", str(free_port())
     machines = [subprocess.Popen(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2", "--num_processes", "2",

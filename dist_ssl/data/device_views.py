@@ -23,7 +23,7 @@ Here a view has three stages:
   the reference normalization. Crop and cutout are our own ops because
   torchvision's take one parameter set per call (one crop place for the whole batch); kornia's and
   torchaug's RandAugment were measured beside ours (`benchmarks/train_throughput.py --sections
-  libraries`, README: Speed): neither applies parameters drawn elsewhere per sample.
+  libraries`, docs/speed.md): neither applies parameters drawn elsewhere per sample.
 
 A sample's view depends on (seed, epoch, shard, position) only: not on the batch it is in, the
 number of workers or the number of ranks.

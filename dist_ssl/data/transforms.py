@@ -14,7 +14,7 @@ near-linear for the protocol's 1,000 steps: 87% test accuracy with every point l
 99%). By default every view is the point itself, as in the seed 002 toy protocol;
 `augment.vector_noise` gives the strong view Gaussian noise of that many feature standard
 deviations, the vector counterpart of RandAugment: consistency between a point and its noisy copy is
-what carries labels along a dense region (README: two moons).
+what carries labels along a dense region (docs/methods.md: two moons).
 
 Randomness: the stream seeds torch's default generator per sample before calling `per_sample`
 (see `data.streams`), so a sample's augmentation depends on (seed, epoch, shard, position) only,

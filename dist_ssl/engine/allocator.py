@@ -3,7 +3,7 @@
 A WRN-28-2 FixMatch step allocates gigabytes of activations and frees them again, every step. glibc
 serves each buffer above 32 MiB with its own mapping, returns it to the kernel when freed, and the
 next step page-faults it back in 4 KiB pages, zero-filled: on 2 cores that was a sixth to a third
-of the step (benchmarks/train_throughput.py, README: Speed). Two remedies, both glibc's own:
+of the step (benchmarks/train_throughput.py, docs/speed.md). Two remedies, both glibc's own:
 
 * huge pages (every `dist-ssl` command, at start): `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` has
   malloc ask for transparent huge pages, so a buffer faults in 2 MiB at a time (33x fewer faults).

@@ -158,7 +158,7 @@ def resume_point(cfg: Config, ckpt_root: Path, identity: dict) -> tuple[Path | N
 
 def batched_views_wanted(cfg: Config) -> bool:
     """data.augment.path: `auto` is the batched path, the faster one wherever it was measured (8x8
-    and 32x32 on CPU cores; README: Speed); both give the same views bit for bit."""
+    and 32x32 on CPU cores; docs/speed.md); both give the same views bit for bit."""
     return cfg.data.augment.path in ("auto", "batched")
 
 
