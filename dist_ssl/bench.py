@@ -9,8 +9,8 @@ draws, every run an ordinary resumable `dist-ssl train`.
 A run is done when its `results.json` is there (with `train.finetune`, once it holds the fine-tuned
 result); a rerun skips it after checking that its `config.yaml` is the config this protocol asks for
 now. An interrupted run resumes from its own newest committed checkpoint, as `dist-ssl train` does in
-any run folder. SIGTERM or SIGUSR1 to the bench reaches the run going on, which commits a checkpoint;
-the bench then exits 75 like `train`, and the same command resumes it.
+any run folder. SIGTERM, SIGUSR1 or Ctrl-C to the bench reaches the run going on, which commits a
+checkpoint; the bench then exits 75 like `train`, and the same command resumes it.
 """
 
 from __future__ import annotations
@@ -240,11 +240,13 @@ def _write_shards(protocol: Protocol, labels_per_class: int, draw: int) -> Path:
 
 
 class _Signals:
-    """While a run goes on, SIGTERM/SIGUSR1 to the bench go on to it (it commits a checkpoint) and stop
-    the bench after it. SIGTERM for both: `accelerate launch` forwards SIGTERM to every rank, where
-    SIGUSR1 would kill the launcher alone; `dist-ssl train` treats the two alike."""
+    """The bench owns its runs' signals: each run gets a session of its own, and SIGTERM, SIGUSR1 or
+    SIGINT to the bench reach it once, as SIGTERM: it commits a checkpoint and exits, then the bench
+    stops. Once: a signal to the whole process group would reach `accelerate launch` twice, and its
+    second SIGTERM cuts short the shutdown the first began. SIGTERM: `accelerate launch` forwards it
+    to every rank (SIGUSR1 would kill the launcher alone); `dist-ssl train` treats them alike."""
 
-    WATCHED = (signal.SIGTERM, signal.SIGUSR1)
+    WATCHED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self):
         self.child: subprocess.Popen | None = None
@@ -261,12 +263,17 @@ class _Signals:
 
     def _on_signal(self, signum, frame):
         self.received = signal.Signals(signum).name
+        self._forward()
+
+    def _forward(self):
         if self.child is not None and self.child.poll() is None:
             self.child.send_signal(signal.SIGTERM)
 
     def run(self, command: list[str], env: dict) -> int:
-        self.child = subprocess.Popen(command, env=env)
+        self.child = subprocess.Popen(command, env=env, start_new_session=True)
         try:
+            if self.received:  # came between the check before the launch and the line above
+                self._forward()
             return self.child.wait()
         finally:
             self.child = None
@@ -293,14 +300,16 @@ def run_bench(protocol: Protocol, protocol_path: str | Path) -> int:
                 if results is not None:
                     _say(f"{head}: done before (test accuracy {accuracy(results) * 100:.2f}%)")
                     continue
-                _write_shards(protocol, run.labels_per_class, run.draw)
-                folder = run_dir(protocol, run)
-                resuming = " (resuming)" if (folder / "checkpoints").is_dir() else ""
-                _say(f"{head} -> {folder}{resuming}")
-                code = signals.run(launch_command(protocol.processes, run_arguments(protocol, run)), env)
+                code = None
+                if not signals.received:
+                    _write_shards(protocol, run.labels_per_class, run.draw)
+                    folder = run_dir(protocol, run)
+                    _say(f"{head} -> {folder}{' (resuming)' if (folder / 'checkpoints').is_dir() else ''}")
+                    code = signals.run(launch_command(protocol.processes, run_arguments(protocol, run)), env)
                 if signals.received:
-                    print(f"dist-ssl: bench stopped by {signals.received} during run {index}/{len(runs)} ({run.name}, exit {code}); "
-                          f"run the same command again to resume (exit {REQUEUE_EXIT_CODE})", file=sys.stderr, flush=True)
+                    during = f"during run {index}/{len(runs)} ({run.name}, exit {code})" if code is not None else f"before run {index}/{len(runs)}"
+                    print(f"dist-ssl: bench stopped by {signals.received} {during}; run the same command again to resume "
+                          f"(exit {REQUEUE_EXIT_CODE})", file=sys.stderr, flush=True)
                     return REQUEUE_EXIT_CODE
                 if code != 0:
                     raise UserError(f"{head} failed with exit code {code} (its log is above); fix it and rerun the same command: "
