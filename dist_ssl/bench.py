@@ -139,7 +139,9 @@ def _parse(data: dict) -> Protocol:
         if key == "methods":
             values[key] = _methods(value)
             continue
-        if key == "overrides" and value is None:
+        if value is None:  # `overrides:` with nothing after it is no override; anything else needs a value
+            if key != "overrides":
+                raise UserError(f"key '{key}' has no value")
             value = []
         try:
             values[key] = _coerce(value, hints[key], key)
@@ -206,7 +208,7 @@ def finished_results(protocol: Protocol, run: Run) -> dict | None:
     if cfg.train.finetune.epochs > 0 and "finetuned" not in results:
         return None  # interrupted in its fine-tune stage, which resumes like the rest
     from dist_ssl.config import to_dict
-    from dist_ssl.pipeline import _first_difference
+    from dist_ssl.pipeline import _first_difference  # the pipeline's check of its own folder, reused
 
     saved_file = folder / "config.yaml"
     saved = yaml.safe_load(saved_file.read_text()) if saved_file.is_file() else {}
@@ -293,12 +295,13 @@ def run_bench(protocol: Protocol, protocol_path: str | Path) -> int:
         print(f"dist-ssl: {taken_over}", file=sys.stderr, flush=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     try:
+        # Every finished run checked first: a run of another config is refused before hours of others.
+        finished = {run: results for run in runs if (results := finished_results(protocol, run)) is not None}
         with _Signals() as signals:
             for index, run in enumerate(runs, 1):
                 head = f"bench: run {index}/{len(runs)} {run.method} labels={run.labels_per_class} draw={run.draw}"
-                results = finished_results(protocol, run)
-                if results is not None:
-                    _say(f"{head}: done before (test accuracy {accuracy(results) * 100:.2f}%)")
+                if run in finished:
+                    _say(f"{head}: done before (test accuracy {accuracy(finished[run]) * 100:.2f}%)")
                     continue
                 code = None
                 if not signals.received:
@@ -314,10 +317,11 @@ def run_bench(protocol: Protocol, protocol_path: str | Path) -> int:
                 if code != 0:
                     raise UserError(f"{head} failed with exit code {code} (its log is above); fix it and rerun the same command: "
                                     f"finished runs are kept")
-                write_tables(protocol, protocol_path)
+                finished[run] = json.loads((run_dir(protocol, run) / "results.json").read_text())
+                write_tables(protocol, protocol_path, finished)
+        paths = write_tables(protocol, protocol_path, finished)  # also when every run was done before
     finally:
         lock.release()
-    paths = write_tables(protocol, protocol_path)
     _say(Path(paths["md"]).read_text())
     _say(f"bench: wrote {', '.join(str(p) for p in paths.values())}")
     return 0
@@ -331,17 +335,13 @@ def _say(text: str) -> None:
 # the table
 
 
-def collect(protocol: Protocol) -> list[dict]:
+def collect(protocol: Protocol, finished: dict[Run, dict]) -> list[dict]:
     """One row per (method, labels per class): each draw's accuracy and wall seconds (None while the
     run is not done), mean and sample std over the draws done."""
     rows = []
     for method in protocol.methods:
         for labels in protocol.labels_per_class:
-            done = {}
-            for draw in protocol.draws:
-                results = finished_results(protocol, Run(method, labels, draw))
-                if results is not None:
-                    done[draw] = results
+            done = {draw: finished[run] for draw in protocol.draws if (run := Run(method, labels, draw)) in finished}
             accuracies = [accuracy(r) for r in done.values()]
             rows.append({
                 "method": method, "labels_per_class": labels,
@@ -370,11 +370,12 @@ def table_cells(protocol: Protocol, rows: list[dict]) -> tuple[list[str], list[l
     return header, cells
 
 
-def write_tables(protocol: Protocol, protocol_path: str | Path) -> dict[str, Path]:
+def write_tables(protocol: Protocol, protocol_path: str | Path, finished: dict[Run, dict]) -> dict[str, Path]:
+    """bench.md, bench.csv and bench.png of the finished runs' results."""
     from dist_ssl.files import atomic_write_text
 
     out = Path(protocol.output_dir)
-    rows = collect(protocol)
+    rows = collect(protocol, finished)
     done = sum(row["done"] for row in rows)
     total = len(plan(protocol))
     header, cells = table_cells(protocol, rows)

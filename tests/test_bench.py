@@ -152,6 +152,7 @@ def test_a_finished_run_of_another_config_is_refused(bench, tmp_path):
     ({"draws": "one"}, "key 'draws' expects int; got 'one'"),
     ({"labels_per_class": {"a": 1}}, "key 'labels_per_class' expects a list"),
     ({"processes": 0}, "key 'processes' must be >= 1; got 0"),
+    ({"output_dir": None}, "key 'output_dir' has no value"),
     ({"draws": [0, 0]}, "key 'draws' lists a value twice: [0, 0]"),
     ({"source": "digit"}, "names no `shards write` source: 'digit' (did you mean 'digits'?)"),
     ({"methods": ["fixmatch"]}, "key 'methods' maps each method's name to its config file"),
