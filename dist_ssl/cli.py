@@ -1,4 +1,4 @@
-"""`dist-ssl` command line: shards, train, evaluate, report, pseudo-label, select, pipeline, demo.
+"""`dist-ssl` command line: shards, train, evaluate, report, pseudo-label, select, pipeline, bench, demo.
 
 Every user error ends as one line on stderr (`dist-ssl: error: ...`) and exit code 2, a disk that
 refuses a write included. A training run stopped by SIGTERM/SIGUSR1 commits a checkpoint, leaves a
@@ -184,6 +184,12 @@ def _fraction(low_open: bool):
     return parse
 
 
+def _bench(args) -> int:
+    from dist_ssl.bench import load_protocol, run_bench
+
+    return run_bench(load_protocol(args.protocol), args.protocol)
+
+
 def _demo(args) -> int:
     from dist_ssl.demo import run_demo
 
@@ -279,6 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
     pipe.add_argument("config", help="pipeline YAML (see configs/pipelines/)")
     pipe.add_argument("overrides", nargs="*", help="key=value overrides, e.g. teacher.train.epochs=5")
     pipe.set_defaults(func=_pipeline)
+
+    bench = commands.add_parser("bench", help="every method x labels per class x label draw: mean ± std of test accuracy (resumable)")
+    bench.add_argument("protocol", help="protocol YAML (see configs/bench/)")
+    bench.set_defaults(func=_bench)
 
     demo = commands.add_parser("demo", help="digits, 5 labels per class: supervised vs pseudo_label vs fixmatch")
     demo.add_argument("--out", help="runs go to OUT/<method> (default: runs/demo-<date-time>)")

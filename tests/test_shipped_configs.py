@@ -3,14 +3,16 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from dist_ssl.config import Config, load_config, load_pipeline_config, role_model
 from dist_ssl.methods import get_method
 from dist_ssl.models import MODELS
 
 ALL = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
-CONFIGS = [p for p in ALL if p.parent.name != "pipelines"]
+CONFIGS = [p for p in ALL if p.parent.name not in ("pipelines", "bench")]
 PIPELINES = [p for p in ALL if p.parent.name == "pipelines"]  # `dist-ssl pipeline`: a tree of stage configs
+PROTOCOLS = [p for p in ALL if p.parent.name == "bench"]  # `dist-ssl bench`: runs of the configs above
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(p.parents[1])) for p in CONFIGS])
@@ -23,6 +25,22 @@ def test_shipped_pipeline_stages_are_runnable(path):
     pipeline = load_pipeline_config(path)
     for stage in (pipeline.teacher, pipeline.student, pipeline.finetune):
         check_runnable(stage)
+
+
+@pytest.mark.parametrize("path", PROTOCOLS, ids=[p.name for p in PROTOCOLS])
+def test_shipped_bench_protocols_load(path, monkeypatch):
+    from dist_ssl.bench import load_protocol
+
+    repo = Path(__file__).resolve().parents[1]
+    protocol = yaml.safe_load(path.read_text())
+    # FreeMatch, SoftMatch and FlexMatch arrive with issue 18's first item, on another branch: until
+    # it is merged the digits protocol names configs that are not here yet.
+    pending = [f for f in protocol["methods"].values() if not (repo / f).is_file()]
+    if pending and set(pending) <= {f"configs/digits/{m}.yaml" for m in ("freematch", "softmatch", "flexmatch")}:
+        pytest.skip(f"configs of issue 18's new methods not merged yet: {', '.join(pending)}")
+    monkeypatch.chdir(repo)  # a protocol's config paths are relative to where the bench runs: the checkout
+    loaded = load_protocol(path)
+    assert list(loaded.methods) == list(protocol["methods"])
 
 
 def check_runnable(cfg: Config) -> None:
