@@ -229,7 +229,7 @@ def wall_seconds(results: dict) -> float:
 
 
 def _write_shards(protocol: Protocol, labels_per_class: int, draw: int) -> Path:
-    from dist_ssl.data.shards import write_dataset
+    from dist_ssl.data.shards.writer import write_dataset
     from dist_ssl.data.sources import load_source
 
     out = shard_dir(protocol, labels_per_class, draw)
