@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
+from dist_ssl.adaptive_config import FlexMatchConfig, FreeMatchConfig, SoftMatchConfig
 from dist_ssl.errors import UserError
 
 
@@ -188,6 +189,9 @@ class MethodConfig:
     fixmatch: FixMatchConfig = field(default_factory=FixMatchConfig)
     mpl: MPLConfig = field(default_factory=MPLConfig)
     smpl: SMPLConfig = field(default_factory=SMPLConfig)
+    freematch: FreeMatchConfig = field(default_factory=FreeMatchConfig)
+    softmatch: SoftMatchConfig = field(default_factory=SoftMatchConfig)
+    flexmatch: FlexMatchConfig = field(default_factory=FlexMatchConfig)
 
 
 @dataclass
