@@ -101,12 +101,21 @@ def unit_samples(manifest: Manifest, unit: Unit, seed: int, epoch: int, shuffle_
     import webdataset as wds
 
     shard = manifest.shards[unit.shard]
-    samples = raw_samples(manifest.url(shard), shard)
+    samples = _numbered(raw_samples(manifest.url(shard), shard))
     rng = random.Random(mix(seed, epoch, unit.shard))
     shuffled = wds.shuffle(shuffle_buffer, initial=shuffle_buffer, rng=rng)(samples)
     for position, raw in enumerate(shuffled):
         if position % unit.parts == unit.part:
             yield position, raw
+
+
+def _numbered(samples: Iterator[dict]) -> Iterator[dict]:
+    """Each raw sample with `__index__`, its place in the shard's file, taken before shuffling: with
+    the shard's offset in the manifest, the sample's index in its split, the same in every epoch,
+    layout and rank (FlexMatch keeps per-sample state by it)."""
+    for index, raw in enumerate(samples):
+        raw["__index__"] = index
+        yield raw
 
 
 class SampleChecker:
@@ -218,6 +227,7 @@ class TrainStream(IterableDataset):
                 f"{world} ranks x {self.slots} workers that read it"
             )
         check_local_shards(manifest)
+        self.offsets = np.cumsum([0] + [shard.num_samples for shard in manifest.shards]).tolist()  # shard -> its first sample's index
         self.layout = Layout(self.consumers, make_units(len(manifest.shards), self.consumers), seed)
         self.positions: dict[int, tuple[int, int, int]] = {}
         self.counts: dict[int, tuple[int, int]] = {}  # consumer -> (corrupt samples, samples read)
@@ -348,6 +358,7 @@ class TrainStream(IterableDataset):
                     offset += 1
                     sample = checker(raw, url)
                     if sample is not None:
+                        sample["index"] = self.offsets[work.unit.shard] + raw["__index__"]
                         pending.append((work.epoch, work.unit.shard, position, sample))
                     if len(pending) == self.batch_size:
                         after = (phase, cursor, offset) if offset < length else _next(phase, cursor + 1, plan)
@@ -388,6 +399,7 @@ def collate(pending: list[tuple[int, int, int, dict]], views: dict, seed: int) -
         "truth": torch.tensor([-1 if s["truth"] is None else s["truth"] for *_, s in pending], dtype=torch.long),
         "epoch": torch.tensor([epoch for epoch, *_ in pending], dtype=torch.long),
         "keys": [s["key"] for *_, s in pending],
+        "index": torch.tensor([s.get("index", -1) for *_, s in pending], dtype=torch.long),  # in the split (TrainStream)
     }
     if batched:
         batch["decoded"] = torch.stack([s["input"] for *_, s in pending])

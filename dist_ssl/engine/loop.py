@@ -222,7 +222,7 @@ class Trainer:
             role = method_cls.eval_role
             self.emas = {role: AveragedModel(self.nets[role], multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True)}
         self.raw = dict(self.nets)  # the unwrapped networks: checkpoints and evaluation read these
-        self.method = method_cls(self.cfg, {}, data.labeled.num_classes)
+        self.method = method_cls(self.cfg, {}, data.labeled.num_classes, data.unlabeled.num_samples if data.unlabeled else 0)
 
     def _build_streams(self) -> None:
         cfg, data, method_cls = self.cfg, self.data, self.method_cls
@@ -285,9 +285,11 @@ class Trainer:
         batch = TrainBatch(self._views(labeled)[method_cls.labeled_view], target.to(self.device, non_blocking=True))
         if unlabeled is not None:
             batch.unlabeled = self._views(unlabeled)
+            batch.unlabeled_index = unlabeled["index"].to(self.device, non_blocking=True)
         rates = {"lr" if name == method_cls.eval_role else f"lr_{name}": s.get_last_lr()[0] for name, s in self.schedulers.items()}
         self.optimize.step = step
-        out = self.method.train_step(batch, StepContext(step, step / cfg.train.steps_per_epoch, cfg.train.total_steps, self.optimize, self.optimize.reduce_sum))
+        ctx = StepContext(step, step / cfg.train.steps_per_epoch, cfg.train.total_steps, self.optimize, self.optimize.reduce_sum, self.optimize.gather)
+        out = self.method.train_step(batch, ctx)
         for role, ema in self.emas.items():
             ema.update_parameters(self.raw[role])
         self.logger.accumulate(dict(out.metrics, **rates))

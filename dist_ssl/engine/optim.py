@@ -61,3 +61,7 @@ class Stepper:
     def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum over ranks, for what every rank must agree on (MPL's feedback)."""
         return self.accelerator.reduce(tensor, "sum") if self.accelerator.num_processes > 1 else tensor
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's tensor concatenated in rank order (FlexMatch's per-sample updates)."""
+        return self.accelerator.gather(tensor) if self.accelerator.num_processes > 1 else tensor

@@ -7,15 +7,21 @@ import difflib
 from dist_ssl.errors import UserError
 from dist_ssl.methods.base import Method
 from dist_ssl.methods.fixmatch import FixMatch
+from dist_ssl.methods.flexmatch import FlexMatch
+from dist_ssl.methods.freematch import FreeMatch
 from dist_ssl.methods.mpl import MPL
 from dist_ssl.methods.pseudo_label import PseudoLabel
 from dist_ssl.methods.smpl import SMPL
+from dist_ssl.methods.softmatch import SoftMatch
 from dist_ssl.methods.supervised import Supervised
 
 METHODS: dict[str, type[Method]] = {
     "supervised": Supervised,
     "pseudo_label": PseudoLabel,
     "fixmatch": FixMatch,
+    "freematch": FreeMatch,
+    "softmatch": SoftMatch,
+    "flexmatch": FlexMatch,
     "mpl": MPL,
     "smpl": SMPL,
 }

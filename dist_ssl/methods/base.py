@@ -38,6 +38,8 @@ class TrainBatch:
     # pseudo-labels; F.cross_entropy takes either, so a method's labeled loss needs no branch.
     labeled_y: torch.Tensor
     unlabeled: dict[str, torch.Tensor] = field(default_factory=dict)  # views by name; never the hidden truth
+    # each unlabeled sample's index in the pool (0..pool_size-1), the same whatever rank reads it
+    unlabeled_index: torch.Tensor | None = None
 
 
 @dataclass
@@ -48,6 +50,9 @@ class StepContext:
     optimize: Callable[[str, torch.Tensor], None]
     # Sum of a tensor over ranks (identity on one process): for quantities every rank must agree on.
     reduce_sum: Callable[[torch.Tensor], torch.Tensor] = _same_everywhere
+    # Every rank's tensor concatenated along dim 0, in rank order (identity on one process); the
+    # shapes must agree, as per-rank batches do.
+    gather: Callable[[torch.Tensor], torch.Tensor] = _same_everywhere
 
 
 @dataclass(frozen=True)
@@ -78,10 +83,12 @@ class Method:
         """Optimizer name -> spec. One per network by default, named like it, with its role's settings."""
         return {role: OptimizerSpec(role, role_optim(cfg, role), role_wait_steps(cfg, role)) for role in cls.roles}
 
-    def __init__(self, cfg: Config, nets: dict[str, nn.Module], num_classes: int):
+    def __init__(self, cfg: Config, nets: dict[str, nn.Module], num_classes: int, pool_size: int = 0):
+        """`pool_size`: samples in the unlabeled split (0 without one), for per-sample state."""
         self.cfg = cfg
         self.nets = nets
         self.num_classes = num_classes
+        self.pool_size = pool_size
 
     def train_step(self, batch: TrainBatch, ctx: StepContext) -> StepOutput:
         raise NotImplementedError

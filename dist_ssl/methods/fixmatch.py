@@ -17,8 +17,8 @@ from dist_ssl.methods.base import Method, StepContext, StepOutput, TrainBatch
 class FixMatch(Method):
     unlabeled_views = ("weak", "strong")
 
-    def __init__(self, cfg: Config, nets: dict[str, nn.Module], num_classes: int):
-        super().__init__(cfg, nets, num_classes)
+    def __init__(self, cfg: Config, nets: dict[str, nn.Module], num_classes: int, pool_size: int = 0):
+        super().__init__(cfg, nets, num_classes, pool_size)
         self.alignment = Alignment(cfg.method.fixmatch.distribution_alignment, num_classes)
 
     def train_step(self, batch: TrainBatch, ctx: StepContext) -> StepOutput:

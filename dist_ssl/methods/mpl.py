@@ -144,8 +144,8 @@ class MPL(Method):
     eval_role = "student"
     unlabeled_views = ("weak", "strong")
 
-    def __init__(self, cfg: Config, nets: dict[str, nn.Module], num_classes: int):
-        super().__init__(cfg, nets, num_classes)
+    def __init__(self, cfg: Config, nets: dict[str, nn.Module], num_classes: int, pool_size: int = 0):
+        super().__init__(cfg, nets, num_classes, pool_size)
         self.settings = cfg.method.mpl
         self.feedback = Feedback(self.settings.baseline_decay)
         self.alignment = Alignment(self.settings.distribution_alignment, num_classes)

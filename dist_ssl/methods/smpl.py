@@ -51,8 +51,8 @@ class SMPL(Method):
         plain = dataclasses.replace(main, name="sgd", momentum=0.0, nesterov=False, weight_decay=0.0, warmup_steps=0, grad_clip=0.0)
         return {"pseudo_step": OptimizerSpec("model", plain), "model": OptimizerSpec("model", main)}
 
-    def __init__(self, cfg: Config, nets: dict[str, nn.Module], num_classes: int):
-        super().__init__(cfg, nets, num_classes)
+    def __init__(self, cfg: Config, nets: dict[str, nn.Module], num_classes: int, pool_size: int = 0):
+        super().__init__(cfg, nets, num_classes, pool_size)
         self.settings = cfg.method.smpl
         self.feedback = Feedback(self.settings.baseline_decay)
         self.alignment = Alignment(self.settings.distribution_alignment, num_classes)

@@ -87,6 +87,23 @@ def test_epochs_reshuffle(digits_shards):
     assert sorted(first) == sorted(second) and first != second
 
 
+@pytest.mark.parametrize("world", [1, 2])
+def test_each_sample_carries_its_index_in_the_split_whatever_rank_reads_it(digits_shards, world):
+    """FlexMatch keeps per-sample state by `index`: the sample's place in the manifest's shard order
+    and in its shard's file, the same in every epoch and layout."""
+    from dist_ssl.data.shards import raw_samples
+
+    manifest = load_manifest(digits_shards / "unlabeled")
+    in_file_order = [raw["__key__"] for shard in manifest.shards for raw in raw_samples(manifest.url(shard), shard)]
+    seen = Counter()
+    for rank in range(world):
+        s = stream(manifest, rank, world, batch=17, names=("weak",))
+        for batch in take(s, iter(s), -(-manifest.num_samples // (17 * world)) + 3):  # past a data epoch's end
+            assert [in_file_order[i] for i in batch["index"].tolist()] == batch["keys"]
+            seen.update(batch["index"][batch["epoch"] == 0].tolist())
+    assert sorted(seen) == list(range(manifest.num_samples)) and max(seen.values()) == 1
+
+
 def test_resume_continues_with_exactly_the_same_batches(digits_shards):
     manifest = load_manifest(digits_shards / "unlabeled")
     reference = stream(manifest, batch=50)

@@ -52,12 +52,18 @@ def test_the_step_boundary_decides_why_to_checkpoint():
     assert preemption.received() == 0 and signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
 
 
-def test_a_signalled_run_stops_after_committing_and_resumes_bit_identical(digits_shards, tmp_path):
+# FlexMatch's tau low enough that an untrained network fills its per-sample table within the run
+METHOD_STATE = {"fixmatch": (), "freematch": (), "softmatch": (), "flexmatch": ("method.flexmatch.threshold=0.2",)}
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_STATE))
+def test_a_signalled_run_stops_after_committing_and_resumes_bit_identical(digits_shards, tmp_path, method):
     """Two sessions stopped by signals (each in the middle of a logging window), then a clean finish,
-    end with the same weights, optimizer, RNG, stream and logging state as an uninterrupted run."""
-    train(tiny_config(digits_shards, tmp_path / "reference", "fixmatch", *RESUMABLE))
+    end with the same weights, optimizer, RNG, stream, method (the adaptive methods' statistics,
+    FlexMatch's per-sample table) and logging state as an uninterrupted run."""
+    train(tiny_config(digits_shards, tmp_path / "reference", method, *RESUMABLE, *METHOD_STATE[method]))
     run = tmp_path / "run"
-    cfg = tiny_config(digits_shards, run, "fixmatch", *RESUMABLE)
+    cfg = tiny_config(digits_shards, run, method, *RESUMABLE, *METHOD_STATE[method])
     for stop, sig in ((1, signal.SIGTERM), (2, signal.SIGUSR1)):
         with preemption.catch_signals():
             os.kill(os.getpid(), sig)  # arrives before the first step: the session stops after one step
@@ -68,6 +74,8 @@ def test_a_signalled_run_stops_after_committing_and_resumes_bit_identical(digits
         assert not (run / "results.json").exists()
     assert train(cfg)["steps"] == 8
     assert_same_checkpoint(tmp_path / "reference" / "checkpoints" / "step-8", run / "checkpoints" / "step-8")
+    if method == "flexmatch":  # the table the resumed sessions had to carry over is not empty
+        assert (checkpoint.load_file(run / "checkpoints" / "step-2" / "rank-00000.pt")["method"]["status"] >= 0).any()
 
 
 def catches(pid: int, sig: int) -> bool:

@@ -36,7 +36,7 @@ class Recorder:
 
 def batch(n_l=4, n_u=8, views=("weak", "strong")):
     torch.manual_seed(0)
-    return TrainBatch(torch.randn(n_l, 1, 8, 8), torch.arange(n_l) % 3, {v: torch.randn(n_u, 1, 8, 8) for v in views})
+    return TrainBatch(torch.randn(n_l, 1, 8, 8), torch.arange(n_l) % 3, {v: torch.randn(n_u, 1, 8, 8) for v in views}, torch.arange(n_u))
 
 
 def net():
@@ -48,7 +48,7 @@ def net():
 def test_every_method_steps_each_optimizer_once(name):
     cfg = load_config(None, [f"method.name={name}", "method.pseudo_label.ramp_start_epoch=0", "method.pseudo_label.ramp_end_epoch=1"])
     method_cls = METHODS[name]
-    method = method_cls(cfg, {role: net() for role in method_cls.roles}, 3)
+    method = method_cls(cfg, {role: net() for role in method_cls.roles}, 3, pool_size=8)
     recorder = Recorder()
     out = method.train_step(batch(views=method_cls.unlabeled_views), StepContext(3, 0.5, 10, recorder))
     assert sorted(recorder.calls) == sorted(method_cls.optimizer_specs(cfg))

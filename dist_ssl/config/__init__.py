@@ -1,4 +1,4 @@
-"""One typed config tree for every run.
+"""One typed config tree for every run (the methods' sections: `config/methods.py`).
 
 Precedence: dataclass defaults < YAML file < `key=value` overrides on the command line.
 Unknown keys are an error that names the closest valid key; ill-typed values name the key and the
@@ -17,7 +17,16 @@ from typing import Any, Literal
 
 import yaml
 
-from dist_ssl.errors import UserError
+from dist_ssl.config.methods import (  # noqa: F401  (the method sections: part of the tree, importable from here)
+    FixMatchConfig,
+    FlexMatchConfig,
+    FreeMatchConfig,
+    MPLConfig,
+    PseudoLabelConfig,
+    SMPLConfig,
+    SoftMatchConfig,
+)
+from dist_ssl.errors import UserError, check_config
 
 
 @dataclass
@@ -39,10 +48,10 @@ class AugmentConfig:
     path: Literal["auto", "per_sample", "batched"] = "auto"
 
     def __post_init__(self):
-        _check(0 <= self.crop_padding <= 0.5, "data.augment.crop_padding", "must be in [0, 0.5]")
-        _check(0 <= self.randaugment_magnitude <= 30, "data.augment.randaugment_magnitude", "must be in [0, 30]")
-        _check(0 <= self.cutout < 1, "data.augment.cutout", "must be in [0, 1)")
-        _check(self.vector_noise >= 0, "data.augment.vector_noise", "must be >= 0")
+        check_config(0 <= self.crop_padding <= 0.5, "data.augment.crop_padding", "must be in [0, 0.5]")
+        check_config(0 <= self.randaugment_magnitude <= 30, "data.augment.randaugment_magnitude", "must be in [0, 30]")
+        check_config(0 <= self.cutout < 1, "data.augment.cutout", "must be in [0, 1)")
+        check_config(self.vector_noise >= 0, "data.augment.vector_noise", "must be >= 0")
 
 
 @dataclass
@@ -64,12 +73,12 @@ class DataConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self):
-        _check(self.batch_size > 0, "data.batch_size", "must be positive")
-        _check(self.unlabeled_batch_ratio >= 0, "data.unlabeled_batch_ratio", "must be >= 0")
-        _check(self.eval_batch_size > 0, "data.eval_batch_size", "must be positive")
-        _check(self.workers >= 0, "data.workers", "must be >= 0")
-        _check(self.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
-        _check(0 <= self.max_bad_fraction < 1, "data.max_bad_fraction", "must be in [0, 1)")
+        check_config(self.batch_size > 0, "data.batch_size", "must be positive")
+        check_config(self.unlabeled_batch_ratio >= 0, "data.unlabeled_batch_ratio", "must be >= 0")
+        check_config(self.eval_batch_size > 0, "data.eval_batch_size", "must be positive")
+        check_config(self.workers >= 0, "data.workers", "must be >= 0")
+        check_config(self.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
+        check_config(0 <= self.max_bad_fraction < 1, "data.max_bad_fraction", "must be in [0, 1)")
 
 
 @dataclass
@@ -83,8 +92,8 @@ class ModelConfig:
     stem: Literal["auto", "small", "imagenet"] = "auto"
 
     def __post_init__(self):
-        _check(0 <= self.dropout < 1, "model.dropout", "must be in [0, 1)")
-        _check(0 < self.bn_momentum <= 1, "model.bn_momentum", "must be in (0, 1]")
+        check_config(0 <= self.dropout < 1, "model.dropout", "must be in [0, 1)")
+        check_config(0 < self.bn_momentum <= 1, "model.bn_momentum", "must be in (0, 1]")
 
 
 @dataclass
@@ -99,86 +108,10 @@ class OptimConfig:
     grad_clip: float = 0.0  # max global grad norm; 0 = off
 
     def __post_init__(self):
-        _check(self.lr > 0, "optim.lr", "must be positive")
-        _check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
-        _check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
-        _check(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
-
-
-@dataclass
-class PseudoLabelConfig:
-    """Lee (2013): loss = CE(labeled) + alpha(t) * CE(unlabeled, argmax of own prediction)."""
-
-    alpha_final: float = 3.0  # alpha_f
-    ramp_start_epoch: float = 100.0  # T1: alpha = 0 before
-    ramp_end_epoch: float = 600.0  # T2: alpha = alpha_f after
-    threshold: float = 0.0  # optional confidence mask on pseudo-labels (0 = Lee's original)
-
-    def __post_init__(self):
-        _check(self.ramp_end_epoch >= self.ramp_start_epoch, "method.pseudo_label.ramp_end_epoch", "must be >= ramp_start_epoch")
-        _check(0 <= self.threshold < 1, "method.pseudo_label.threshold", "must be in [0, 1)")
-
-
-@dataclass
-class FixMatchConfig:
-    threshold: float = 0.95  # tau
-    unlabeled_weight: float = 1.0  # lambda_u
-    temperature: float = 1.0  # of the weak-view softmax used for the confidence
-    distribution_alignment: float = 0.0  # as method.mpl's (ReMixMatch; FixMatch + DA in USB); 0 = off
-
-    def __post_init__(self):
-        _check(0 <= self.threshold <= 1, "method.fixmatch.threshold", "must be in [0, 1]")
-        _check(self.temperature > 0, "method.fixmatch.temperature", "must be positive")
-        _check(0 <= self.distribution_alignment < 1, "method.fixmatch.distribution_alignment", "must be in [0, 1)")
-
-
-@dataclass
-class MPLConfig:
-    """Meta Pseudo Labels (Pham et al. 2021); defaults are kekmodel's CIFAR-10-4K settings."""
-
-    # hard: the argmax of the teacher on the strong view (kekmodel); sampled: a class drawn from the
-    # teacher's softmax (the paper's definition: the feedback term is then an unbiased gradient of the
-    # student's expected labeled loss after its step); soft: the student learns the teacher's softmax
-    # (official code), where a scalar feedback carries no gradient, so the teacher gets none.
-    pseudo_labels: Literal["hard", "sampled", "soft"] = "hard"
-    # The view the teacher labels, and whose prediction its feedback term reinforces (the same one,
-    # so that the term is the gradient it should be); the student always learns its strong view.
-    # MPL: strong (paper, official code); SMPL: weak (the replication's step 1, FixMatch-like).
-    pseudo_label_view: Literal["weak", "strong"] = "strong"
-    label_smoothing: float = 0.15  # of the teacher's labeled loss and the student's pseudo-label loss
-    temperature: float = 0.7  # UDA: sharpening of the teacher's weak-view targets
-    threshold: float = 0.6  # UDA: confidence mask on those targets
-    uda_weight: float = 8.0  # lambda_u, reached after uda_steps (linear ramp from step 1)
-    uda_steps: int = 5000
-    baseline_decay: float = 0.0  # moving average of the feedback subtracted from it (official: 0.99); 0 = off
-    # Multiplies the teacher's feedback term h * mean CE. 1 is both references' scale; the global
-    # unlabeled batch size makes the term the exact gradient of the student's post-step labeled loss
-    # (methods/mpl.py), 1/N of which the mean gives.
-    feedback_weight: float = 1.0
-    # Distribution alignment (ReMixMatch): the pseudo-labeler's class probabilities are multiplied by
-    # (class distribution of the labels) / (its mean prediction on the unlabeled batches), both moving
-    # averages with this decay over the global batch; 0 = off. Keeps self-training from drifting to
-    # one class (methods/alignment.py).
-    distribution_alignment: float = 0.0
-
-    def __post_init__(self):
-        name = type(self).__name__.removesuffix("Config").lower()
-        _check(0 <= self.label_smoothing < 1, f"method.{name}.label_smoothing", "must be in [0, 1)")
-        _check(self.temperature > 0, f"method.{name}.temperature", "must be positive")
-        _check(0 <= self.threshold <= 1, f"method.{name}.threshold", "must be in [0, 1]")
-        _check(self.uda_weight >= 0, f"method.{name}.uda_weight", "must be >= 0")
-        _check(self.uda_steps >= 1, f"method.{name}.uda_steps", "must be >= 1")
-        _check(0 <= self.baseline_decay < 1, f"method.{name}.baseline_decay", "must be in [0, 1)")
-        _check(self.feedback_weight >= 0, f"method.{name}.feedback_weight", "must be >= 0")
-        _check(0 <= self.distribution_alignment < 1, f"method.{name}.distribution_alignment", "must be in [0, 1)")
-
-
-@dataclass
-class SMPLConfig(MPLConfig):
-    """Self Meta Pseudo Labels (seed 002): MPL's losses on one network, with the moving baseline on."""
-
-    baseline_decay: float = 0.99
-    pseudo_label_view: Literal["weak", "strong"] = "weak"
+        check_config(self.lr > 0, "optim.lr", "must be positive")
+        check_config(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        check_config(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        check_config(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
 
 
 @dataclass
@@ -188,6 +121,9 @@ class MethodConfig:
     fixmatch: FixMatchConfig = field(default_factory=FixMatchConfig)
     mpl: MPLConfig = field(default_factory=MPLConfig)
     smpl: SMPLConfig = field(default_factory=SMPLConfig)
+    freematch: FreeMatchConfig = field(default_factory=FreeMatchConfig)
+    softmatch: SoftMatchConfig = field(default_factory=SoftMatchConfig)
+    flexmatch: FlexMatchConfig = field(default_factory=FlexMatchConfig)
 
 
 @dataclass
@@ -204,12 +140,12 @@ class RoleConfig:
     wait_steps: int = 0  # the network does not train before this step; its schedule spans the steps after
 
     def __post_init__(self):
-        _check(self.dropout is None or 0 <= self.dropout < 1, "roles.*.dropout", "must be in [0, 1)")
-        _check(self.lr is None or self.lr > 0, "roles.*.lr", "must be positive")
-        _check(self.weight_decay is None or self.weight_decay >= 0, "roles.*.weight_decay", "must be >= 0")
-        _check(self.warmup_steps is None or self.warmup_steps >= 0, "roles.*.warmup_steps", "must be >= 0")
-        _check(self.grad_clip is None or self.grad_clip >= 0, "roles.*.grad_clip", "must be >= 0")
-        _check(self.wait_steps >= 0, "roles.*.wait_steps", "must be >= 0")
+        check_config(self.dropout is None or 0 <= self.dropout < 1, "roles.*.dropout", "must be in [0, 1)")
+        check_config(self.lr is None or self.lr > 0, "roles.*.lr", "must be positive")
+        check_config(self.weight_decay is None or self.weight_decay >= 0, "roles.*.weight_decay", "must be >= 0")
+        check_config(self.warmup_steps is None or self.warmup_steps >= 0, "roles.*.warmup_steps", "must be >= 0")
+        check_config(self.grad_clip is None or self.grad_clip >= 0, "roles.*.grad_clip", "must be >= 0")
+        check_config(self.wait_steps >= 0, "roles.*.wait_steps", "must be >= 0")
 
 
 @dataclass
@@ -232,11 +168,11 @@ class FinetuneConfig:
     weight_decay: float = 0.0
 
     def __post_init__(self):
-        _check(self.epochs >= 0, "train.finetune.epochs", "must be >= 0")
-        _check(self.steps_per_epoch >= 0, "train.finetune.steps_per_epoch", "must be >= 0")
-        _check(self.batch_size > 0, "train.finetune.batch_size", "must be positive")
-        _check(self.lr > 0, "train.finetune.lr", "must be positive")
-        _check(self.weight_decay >= 0, "train.finetune.weight_decay", "must be >= 0")
+        check_config(self.epochs >= 0, "train.finetune.epochs", "must be >= 0")
+        check_config(self.steps_per_epoch >= 0, "train.finetune.steps_per_epoch", "must be >= 0")
+        check_config(self.batch_size > 0, "train.finetune.batch_size", "must be positive")
+        check_config(self.lr > 0, "train.finetune.lr", "must be positive")
+        check_config(self.weight_decay >= 0, "train.finetune.weight_decay", "must be >= 0")
 
 
 @dataclass
@@ -266,15 +202,15 @@ class TrainConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def __post_init__(self):
-        _check(self.epochs > 0, "train.epochs", "must be positive")
-        _check(self.steps_per_epoch > 0, "train.steps_per_epoch", "must be positive")
-        _check(self.eval_every_epochs > 0, "train.eval_every_epochs", "must be positive")
-        _check(self.checkpoint_every_epochs >= 0, "train.checkpoint_every_epochs", "must be >= 0 (0 = off)")
-        _check(self.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", "must be >= 0 (0 = off)")
-        _check(self.checkpoint_every_minutes >= 0, "train.checkpoint_every_minutes", "must be >= 0 (0 = off)")
-        _check(self.keep_last >= 1, "train.keep_last", "must be >= 1")
-        _check(0 <= self.ema_decay < 1, "train.ema_decay", "must be in [0, 1)")
-        _check(self.log_every_steps > 0, "train.log_every_steps", "must be positive")
+        check_config(self.epochs > 0, "train.epochs", "must be positive")
+        check_config(self.steps_per_epoch > 0, "train.steps_per_epoch", "must be positive")
+        check_config(self.eval_every_epochs > 0, "train.eval_every_epochs", "must be positive")
+        check_config(self.checkpoint_every_epochs >= 0, "train.checkpoint_every_epochs", "must be >= 0 (0 = off)")
+        check_config(self.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", "must be >= 0 (0 = off)")
+        check_config(self.checkpoint_every_minutes >= 0, "train.checkpoint_every_minutes", "must be >= 0 (0 = off)")
+        check_config(self.keep_last >= 1, "train.keep_last", "must be >= 1")
+        check_config(0 <= self.ema_decay < 1, "train.ema_decay", "must be in [0, 1)")
+        check_config(self.log_every_steps > 0, "train.log_every_steps", "must be positive")
 
     @property
     def total_steps(self) -> int:
@@ -330,10 +266,10 @@ class InferenceConfig:
     allow_pipe: bool = False  # the pool's manifest may name pipe: URLs / shards outside its folder (see data.allow_pipe)
 
     def __post_init__(self):
-        _check(self.top_p >= 1, "pseudo_label.top_p", "must be >= 1")
-        _check(0 <= self.max_bad_fraction < 1, "pseudo_label.max_bad_fraction", "must be in [0, 1)")
-        _check(self.batch_size >= 1, "pseudo_label.batch_size", "must be >= 1")
-        _check(self.workers >= 0, "pseudo_label.workers", "must be >= 0")
+        check_config(self.top_p >= 1, "pseudo_label.top_p", "must be >= 1")
+        check_config(0 <= self.max_bad_fraction < 1, "pseudo_label.max_bad_fraction", "must be in [0, 1)")
+        check_config(self.batch_size >= 1, "pseudo_label.batch_size", "must be >= 1")
+        check_config(self.workers >= 0, "pseudo_label.workers", "must be >= 0")
 
 
 @dataclass
@@ -354,10 +290,10 @@ class SelectConfig:
     maxcount: int = 10000  # samples per written shard
 
     def __post_init__(self):
-        _check(self.top_k >= 1, "select.top_k", "must be >= 1")
-        _check(0 <= self.threshold <= 1, "select.threshold", "must be in [0, 1]")
-        _check(0 < self.sample_rate <= 1, "select.sample_rate", "must be in (0, 1]")
-        _check(self.maxcount >= 1, "select.maxcount", "must be >= 1")
+        check_config(self.top_k >= 1, "select.top_k", "must be >= 1")
+        check_config(0 <= self.threshold <= 1, "select.threshold", "must be in [0, 1]")
+        check_config(0 < self.sample_rate <= 1, "select.sample_rate", "must be in (0, 1]")
+        check_config(self.maxcount >= 1, "select.maxcount", "must be >= 1")
 
 
 @dataclass
@@ -380,27 +316,22 @@ class PipelineConfig:
     finetune: Config = field(default_factory=Config)
 
     def __post_init__(self):
-        _check(self.rounds >= 1, "rounds", "must be >= 1")
+        check_config(self.rounds >= 1, "rounds", "must be >= 1")
         stages = {"teacher": self.teacher, "student": self.student, "finetune": self.finetune}
         for name, stage in stages.items():
-            _check(stage.train.output_dir == TrainConfig.output_dir, f"{name}.train.output_dir",
+            check_config(stage.train.output_dir == TrainConfig.output_dir, f"{name}.train.output_dir",
                    "is set by the pipeline (stage folders live under output_dir); remove it")
-            _check(stage.data.shards in ("", self.shards), f"{name}.data.shards", "is set by the pipeline from 'shards'; remove it")
-            _check(not stage.train.init_from, f"{name}.train.init_from", "is set by the pipeline; remove it")
-        _check(self.student.data.labeled == DataConfig.labeled, "student.data.labeled",
+            check_config(stage.data.shards in ("", self.shards), f"{name}.data.shards", "is set by the pipeline from 'shards'; remove it")
+            check_config(not stage.train.init_from, f"{name}.train.init_from", "is set by the pipeline; remove it")
+        check_config(self.student.data.labeled == DataConfig.labeled, "student.data.labeled",
                "is set by the pipeline (the selected pseudo-labels); remove it")
         precisions = {stage.train.mixed_precision for stage in stages.values()}
-        _check(len(precisions) == 1, "student.train.mixed_precision",
+        check_config(len(precisions) == 1, "student.train.mixed_precision",
                f"must equal the teacher's and finetune's (accelerate fixes it once per process); got {sorted(precisions)}")
 
 
 # ----------------------------------------------------------------------------------------------
 # loading
-
-
-def _check(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise UserError(f"config key '{key}' {message}")
 
 
 def valid_keys(cls: type = Config, prefix: str = "") -> list[str]:

@@ -1,0 +1,25 @@
+"""`dist-ssl train` of several configs one after another in one process group, so that one
+`accelerate launch` compares several methods (as the pipeline runs its stages):
+
+    accelerate launch ... tests/methods/train_each.py OUT_ROOT CONFIG [CONFIG ...] -- key=value ...
+
+Each CONFIG trains into OUT_ROOT/<its file name without .yaml>, with the shared overrides.
+"""
+
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+
+from dist_ssl.config import load_config
+from dist_ssl.engine.loop import train
+
+if __name__ == "__main__":
+    split = sys.argv.index("--")
+    root, configs, overrides = Path(sys.argv[1]), sys.argv[2:split], sys.argv[split + 1 :]
+    try:
+        for config in configs:
+            train(load_config(config, [*overrides, f"train.output_dir={root / Path(config).stem}"]))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
