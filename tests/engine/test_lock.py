@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -110,15 +111,20 @@ def test_nested_folders_are_covered_by_their_holder_and_refused_to_others(tmp_pa
 def test_two_train_commands_on_one_folder_the_second_refuses_and_touches_nothing(digits_shards, tmp_path):
     """The issue's repro: the same run twice, the second with another learning rate."""
     run = tmp_path / "run"
-    # Long enough (800 steps) that the first run still holds the lock while the second starts up.
     args = [sys.executable, "-m", "dist_ssl", "train", "configs/digits/supervised.yaml", f"data.shards={digits_shards}",
-            f"train.output_dir={run}", "train.epochs=2", "train.steps_per_epoch=400", "train.checkpoint_every_steps=100"]
+            f"train.output_dir={run}", "train.epochs=2", "train.steps_per_epoch=10", "train.checkpoint_every_steps=5"]
     first = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     while not (run / LOCK).exists():
         assert first.poll() is None
         time.sleep(0.01)
-    second = subprocess.run([*args, "optim.lr=0.1"], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert first.poll() is None, "the first run ended before the second started: the test proves nothing"
+    # Paused while it holds the lock (alive, as a busy run is), so the first run is surely still
+    # running when the second starts, however long that takes, with a run of a few steps.
+    first.send_signal(signal.SIGSTOP)
+    try:
+        second = subprocess.run([*args, "optim.lr=0.1"], cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert first.poll() is None, "the first run ended before the second started: the test proves nothing"
+    finally:
+        first.send_signal(signal.SIGCONT)
     assert second.returncode == 2
     (line,) = second.stderr.strip().splitlines()
     assert line.startswith(f"dist-ssl: error: {run} is in use by another run (pid {first.pid} on {socket.gethostname()}, started "), line
