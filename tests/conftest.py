@@ -26,12 +26,12 @@ def digits_shards(tmp_path_factory) -> Path:
     return out
 
 
+# A run of a few steps on digits: enough to exercise every part, seconds on 2 cores.
+TINY = ("data.batch_size=20", "data.unlabeled_batch_ratio=2", "train.epochs=2", "train.steps_per_epoch=4", "train.log_every_steps=2")
+
+
 def tiny_config(shards: Path, out: Path, method: str = "fixmatch", *overrides: str):
-    """A run of a few steps on digits: enough to exercise every part, seconds on 2 cores."""
-    return load_config(REPO / "configs" / "digits" / f"{method}.yaml", [
-        f"data.shards={shards}", f"train.output_dir={out}", "data.batch_size=20", "data.unlabeled_batch_ratio=2",
-        "train.epochs=2", "train.steps_per_epoch=4", "train.log_every_steps=2", *overrides,
-    ])
+    return load_config(REPO / "configs" / "digits" / f"{method}.yaml", [f"data.shards={shards}", f"train.output_dir={out}", *TINY, *overrides])
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -91,7 +91,7 @@ def test_epochs_reshuffle(digits_shards):
 def test_each_sample_carries_its_index_in_the_split_whatever_rank_reads_it(digits_shards, world):
     """FlexMatch keeps per-sample state by `index`: the sample's place in the manifest's shard order
     and in its shard's file, the same in every epoch and layout."""
-    from dist_ssl.data.shards import raw_samples
+    from dist_ssl.data.shards.tar import raw_samples
 
     manifest = load_manifest(digits_shards / "unlabeled")
     in_file_order = [raw["__key__"] for shard in manifest.shards for raw in raw_samples(manifest.url(shard), shard)]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from dist_ssl.engine.loop import train
-from tests.conftest import REPO, accelerate_command, assert_same_checkpoint, free_port, tiny_config
+from tests.conftest import REPO, TINY, accelerate_command, assert_same_checkpoint, free_port, tiny_config
 
 pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed (pip install -e '.[deepspeed]')")
 pytest.importorskip("transformers", reason="accelerate's DeepSpeed plugin needs transformers")
@@ -19,10 +19,10 @@ pytest.importorskip("transformers", reason="accelerate's DeepSpeed plugin needs 
 ZERO2 = REPO / "launch" / "accelerate" / "deepspeed_zero2.yaml"
 
 
-def deepspeed_command(processes: int, *args: str) -> list[str]:
+def deepspeed_command(processes: int, *args: str, entry: tuple[str, ...] = ("-m", "dist_ssl")) -> list[str]:
     return [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ZERO2), "--num_processes", str(processes),
-        "--main_process_port", str(free_port()), "-m", "dist_ssl", *args,
+        "--main_process_port", str(free_port()), *entry, *args,
     ]
 
 
@@ -48,20 +48,24 @@ def losses(run: Path) -> list[float]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method, extra", [("supervised", ()), ("pseudo_label", ()), ("fixmatch", ("optim.grad_clip=0.5",))])
-def test_zero2_on_one_process_trains_as_the_plain_run(digits_shards, tmp_path, method, extra):
-    """fixmatch clips: DeepSpeed clips inside its engine, from optim.grad_clip, not accelerate's 1.0."""
-    launch(deepspeed_command(1, *train_args(digits_shards, tmp_path / "zero2", method, *extra)))
-    plain = train(tiny_config(digits_shards, tmp_path / "plain", method, "train.log_every_steps=1", *extra))
-
-    results = json.loads((tmp_path / "zero2" / "results.json").read_text())
-    launch_facts = {k: v for k, v in results["launch"].items() if k != "cpu_allocator"}
-    assert launch_facts == {"distributed_type": "DEEPSPEED", "backend": "gloo", "device": "cpu", "mixed_precision": "no", "zero_stage": 2}
-    assert plain["launch"]["distributed_type"] == "NO" and plain["launch"]["zero_stage"] is None
-    ours, theirs = losses(tmp_path / "zero2"), losses(tmp_path / "plain")
-    assert len(ours) == len(theirs) == 8
-    assert ours == pytest.approx(theirs, rel=1e-5, abs=1e-6)
-    assert results["test_accuracy"] == pytest.approx(plain["test_accuracy"], abs=1e-9)
+def test_zero2_on_one_process_trains_as_the_plain_run(digits_shards, tmp_path):
+    """supervised, pseudo_label and fixmatch in one launch (tests/train_each.py), each against its
+    plain run. They clip: DeepSpeed clips inside its engine, from optim.grad_clip, not accelerate's 1.0."""
+    methods = ("supervised", "pseudo_label", "fixmatch")
+    extra = ("train.log_every_steps=1", "optim.grad_clip=0.5")
+    configs = [str(REPO / "configs" / "digits" / f"{method}.yaml") for method in methods]
+    launch(deepspeed_command(1, str(tmp_path / "zero2"), *configs, "--", f"data.shards={digits_shards}", *TINY, *extra,
+                             entry=(str(REPO / "tests" / "train_each.py"),)))
+    for method in methods:
+        plain = train(tiny_config(digits_shards, tmp_path / "plain" / method, method, *extra))
+        results = json.loads((tmp_path / "zero2" / method / "results.json").read_text())
+        launch_facts = {k: v for k, v in results["launch"].items() if k != "cpu_allocator"}
+        assert launch_facts == {"distributed_type": "DEEPSPEED", "backend": "gloo", "device": "cpu", "mixed_precision": "no", "zero_stage": 2}
+        assert plain["launch"]["distributed_type"] == "NO" and plain["launch"]["zero_stage"] is None
+        ours, theirs = losses(tmp_path / "zero2" / method), losses(tmp_path / "plain" / method)
+        assert len(ours) == len(theirs) == 8, method
+        assert ours == pytest.approx(theirs, rel=1e-5, abs=1e-6), method
+        assert results["test_accuracy"] == pytest.approx(plain["test_accuracy"], abs=1e-9), method
 
 
 @pytest.mark.slow

@@ -29,7 +29,7 @@ OVERRIDES = ["model.name=mlp", "model.hidden_sizes=[32]", "data.batch_size=20", 
 
 @pytest.fixture(scope="module")
 def one_shard_digits(tmp_path_factory):
-    from dist_ssl.data.shards import write_dataset
+    from dist_ssl.data.shards.writer import write_dataset
     from dist_ssl.data.sources import load_source
 
     out = tmp_path_factory.mktemp("shards") / "digits-one-shard"
@@ -38,7 +38,7 @@ def one_shard_digits(tmp_path_factory):
 
 
 def command(out, shards):
-    return ["tests/methods/train_each.py", str(out), *(f"configs/digits/{m}.yaml" for m in METHODS), "--", f"data.shards={shards}", *OVERRIDES]
+    return ["tests/train_each.py", str(out), *(f"configs/digits/{m}.yaml" for m in METHODS), "--", f"data.shards={shards}", *OVERRIDES]
 
 
 def rank_state(run, step, rank):

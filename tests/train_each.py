@@ -1,7 +1,7 @@
 """`dist-ssl train` of several configs one after another in one process group, so that one
 `accelerate launch` compares several methods (as the pipeline runs its stages):
 
-    accelerate launch ... tests/methods/train_each.py OUT_ROOT CONFIG [CONFIG ...] -- key=value ...
+    accelerate launch ... tests/train_each.py OUT_ROOT CONFIG [CONFIG ...] -- key=value ...
 
 Each CONFIG trains into OUT_ROOT/<its file name without .yaml>, with the shared overrides.
 """
