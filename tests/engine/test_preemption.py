@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dist_ssl.cli import PREEMPTED
 from dist_ssl.config import TrainConfig
 from dist_ssl.engine import checkpoint, preemption
 from dist_ssl.engine.accelerator import make_accelerator
@@ -198,7 +199,8 @@ def test_sigkill_at_random_moments_then_resume_ends_bit_identical(digits_shards,
 @pytest.mark.slow
 def test_sigterm_to_one_rank_stops_every_rank_at_the_same_committed_step(digits_shards, tmp_path, reference):
     """The signal reaches rank 1 only; both ranks commit the same step and exit 75. Checkpoints
-    every 0.3 s of wall clock show the ranks also agree on when a minutes interval has passed."""
+    every 0.3 s of wall clock show the ranks also agree on when a minutes interval has passed. Then
+    under accelerate launch, which returns 1 whatever the ranks return: the PREEMPTED marker says 75."""
     run = tmp_path / "run"
     clock = ("train.checkpoint_every_minutes=0.005",)
     ranks = launch_like_srun(digits_shards, run, *clock)
@@ -215,22 +217,29 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_committed_step(digits_
     assert_every_committed_checkpoint_loads(run)
 
     # Under accelerate launch, torchrun forwards its SIGTERM to each rank's process group (DataLoader
-    # workers included); the ranks commit and exit 75, torchrun itself exits 1.
+    # workers included); the ranks commit and exit 75, torchrun itself exits 1 or 143.
     launcher = launch(digits_shards, run, *clock)
     wait_for_step(run, stop + 4, [launcher])
     launcher.send_signal(signal.SIGTERM)
     out, _ = launcher.communicate(timeout=300)
     second = newest_step(run)
-    assert launcher.returncode == 1 and f"dist-ssl: stopped by SIGTERM at step {second} after committing" in out, out
+    # torchrun exits 1 when it sees a rank's 75 first, 143 (128 + SIGTERM) when its own shutdown on the
+    # signal ends first (both seen here, by timing): never 75, which is why the marker exists.
+    assert launcher.returncode in (1, 143) and f"dist-ssl: stopped by SIGTERM at step {second} after committing" in out, out
     assert f"resumed from {folder} at step {stop}" in out
     assert json.loads((run / "checkpoints" / f"step-{second}" / "meta.json").read_text())["reason"] == "signal"
     assert_every_committed_checkpoint_loads(run)
+    # torchrun returned 1: the run folder says 'preempted, resumable at step N' for a requeue wrapper
+    assert json.loads((run / PREEMPTED).read_text()) == {
+        "preempted": True, "resumable_at_step": second, "checkpoint": str(run / "checkpoints" / f"step-{second}"),
+        "signal": "SIGTERM", "exit_code": preemption.REQUEUE_EXIT_CODE}
 
     last = launch(digits_shards, run, *clock)
     out, _ = last.communicate(timeout=600)
     assert last.returncode == 0, out
     assert f"resumed from {run / 'checkpoints' / f'step-{second}'} at step {second}" in out
     assert_same_checkpoint(reference, run / "checkpoints" / f"step-{TOTAL}")
+    assert not (run / PREEMPTED).exists()  # the run is complete
 
 
 @pytest.mark.slow
@@ -273,29 +282,3 @@ def test_dataloader_workers_outlive_a_signal_sent_to_every_process(digits_shards
             time.sleep(0.5)
             next(batches)
             os.kill(worker, 0)  # still there
-
-
-@pytest.mark.slow
-def test_a_stopped_run_leaves_a_marker_that_a_requeue_wrapper_reads_whatever_the_launcher_returns(digits_shards, tmp_path):
-    """SIGTERM to one rank under accelerate launch: the ranks commit and exit 75, torchrun makes it 1;
-    the run folder says 'preempted, resumable at step N' until a later session completes the run."""
-    import psutil
-
-    from dist_ssl.cli import PREEMPTED
-
-    run = tmp_path / "run"
-    launcher = launch(digits_shards, run, "train.checkpoint_every_steps=4")
-    wait_for_step(run, 4, [launcher])
-    (rank1,) = [p for p in psutil.Process(launcher.pid).children() if p.environ().get("RANK") == "1"]
-    rank1.send_signal(signal.SIGTERM)
-    out, _ = launcher.communicate(timeout=300)
-    assert launcher.returncode == 1, out
-    stop = newest_step(run)
-    folder = run / "checkpoints" / f"step-{stop}"
-    assert f"dist-ssl: stopped by SIGTERM at step {stop} after committing {folder}" in out
-    assert json.loads((run / PREEMPTED).read_text()) == {"preempted": True, "resumable_at_step": stop, "checkpoint": str(folder),
-                                                         "signal": "SIGTERM", "exit_code": preemption.REQUEUE_EXIT_CODE}
-    last = launch(digits_shards, run, "train.checkpoint_every_steps=4")
-    out, _ = last.communicate(timeout=600)
-    assert last.returncode == 0 and f"resumed from {folder} at step {stop}" in out, out
-    assert not (run / PREEMPTED).exists()
