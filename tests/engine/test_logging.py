@@ -14,7 +14,7 @@ from PIL import Image
 from dist_ssl.data.shards.manifest import load_manifest
 from dist_ssl.engine.evaluate import evaluate_checkpoint
 from dist_ssl.engine.loop import train
-from tests.conftest import REPO, accelerate_command, run_cli, tiny_config
+from tests.conftest import REPO, accelerate_command, tiny_config
 
 # A lower threshold than the digits config's 0.95: after a few steps some pseudo-labels pass, some not.
 FIXMATCH = ("method.fixmatch.threshold=0.2",)
@@ -131,14 +131,17 @@ def test_a_resumed_run_logs_the_same_class_counts(digits_shards, tmp_path):
 @pytest.mark.slow
 def test_two_processes_count_each_pseudo_label_and_test_sample_once(digits_shards, tmp_path):
     """Threshold 0: each of the 2 ranks uses its 20 pseudo-labels per step, 2 x 40 per window over
-    both; the confusion counts of a 2-process evaluation cover the test split once."""
+    both; the confusion counts of a 2-process evaluation cover the test split once. Without a
+    terminal, the run prints one progress line per flush."""
     run = tmp_path / "run"
     args = ["train", "configs/digits/fixmatch.yaml", f"data.shards={digits_shards}", f"train.output_dir={run}", "data.batch_size=20",
             "data.unlabeled_batch_ratio=2", "train.epochs=2", "train.steps_per_epoch=4", "train.log_every_steps=2",
             "method.fixmatch.threshold=0"]
-    for command in (args, ["evaluate", str(run), "--shards", str(digits_shards), "--json"]):
-        done = subprocess.run(accelerate_command(2, *command), cwd=REPO, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
+    trained, done = (subprocess.run(accelerate_command(2, *command), cwd=REPO, capture_output=True, text=True, timeout=300)
+                     for command in (args, ["evaluate", str(run), "--shards", str(digits_shards), "--json"]))
+    for finished in (trained, done):
+        assert finished.returncode == 0, finished.stderr[-3000:]
+    assert_progress_lines(trained.stderr)  # stderr is a pipe here, as in nohup, SLURM or docker logs
     events = read_events(run / "tb")
     for step in (2, 4, 6, 8):
         assert sum(scalars(events, f"pseudo_labels/class_{k}")[step] for k in range(10)) == 2 * UNLABELED_PER_STEP
@@ -152,17 +155,12 @@ def test_two_processes_count_each_pseudo_label_and_test_sample_once(digits_shard
     assert np.trace(counts) / counts.sum() == evaluated["accuracy"] == results["test_accuracy"]
 
 
-def test_without_a_terminal_training_prints_a_progress_line_per_flush(digits_shards, tmp_path):
-    done = run_cli("train", "configs/digits/fixmatch.yaml", f"data.shards={digits_shards}", f"train.output_dir={tmp_path / 'run'}",
-                   "data.batch_size=20", "data.unlabeled_batch_ratio=2", "train.epochs=2", "train.steps_per_epoch=4",
-                   "train.log_every_steps=2", "data.workers=0")  # stderr is a pipe here
-    assert done.returncode == 0, done.stderr
-    lines = [line for line in done.stderr.splitlines() if line.startswith("step ")]
+def assert_progress_lines(stderr):
+    lines = [line for line in stderr.splitlines() if line.startswith("step ")]
     steps = [int(TRAIN_LINE.fullmatch(line).group(1)) for line in lines]
-    assert steps == [2, 4, 6, 8], done.stderr
+    assert steps == [2, 4, 6, 8], stderr
     assert all(int(TRAIN_LINE.fullmatch(line).group(2)) == step * 100 // 8 for line, step in zip(lines, steps))
     assert lines[-1].endswith("ETA 0:00:00")
-    print(lines[-1])
 
 
 def test_a_window_longer_than_the_interval_gets_lines_in_between(digits_shards, tmp_path, monkeypatch, capsys):
