@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from dist_ssl.config import Config, OptimConfig, role_optim, role_wait_steps
 
@@ -99,3 +100,17 @@ class Method:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+def weak_strong_forward(net: nn.Module, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FixMatch's one forward pass over [labeled, weak, strong], so batch norm sees the concatenated
+    batch: the labeled loss, and the weak and strong views' logits (the FixMatch family shares it)."""
+    weak, strong = batch.unlabeled["weak"], batch.unlabeled["strong"]
+    logits_l, logits_w, logits_s = net(torch.cat([batch.labeled_x, weak, strong])).split([len(batch.labeled_x), len(weak), len(strong)])
+    return F.cross_entropy(logits_l, batch.labeled_y), logits_w, logits_s
+
+
+def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of each sample's cross-entropy times its weight (a 0/1 mask, or SoftMatch's
+    weights): the batch size, not the weights' sum, divides, as in FixMatch."""
+    return (F.cross_entropy(logits, labels, reduction="none") * weight.to(logits.dtype)).mean()

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from dist_ssl.config import Config
 from dist_ssl.methods.alignment import Alignment, aligned
-from dist_ssl.methods.base import Method, StepContext, StepOutput, TrainBatch
+from dist_ssl.methods.base import Method, StepContext, StepOutput, TrainBatch, weak_strong_forward, weighted_cross_entropy
 
 
 class FixMatch(Method):
@@ -23,15 +22,11 @@ class FixMatch(Method):
 
     def train_step(self, batch: TrainBatch, ctx: StepContext) -> StepOutput:
         cfg = self.cfg.method.fixmatch
-        weak, strong = batch.unlabeled["weak"], batch.unlabeled["strong"]
-        n_l, n_u = len(batch.labeled_x), len(weak)
-        logits = self.nets["model"](torch.cat([batch.labeled_x, weak, strong]))
-        logits_l, logits_w, logits_s = logits[:n_l], logits[n_l : n_l + n_u], logits[n_l + n_u :]
-        loss_l = F.cross_entropy(logits_l, batch.labeled_y)
+        loss_l, logits_w, logits_s = weak_strong_forward(self.nets["model"], batch)
         weak_logits = aligned(logits_w, self.alignment(logits_w, batch.labeled_y, ctx))
         confidence, pseudo = torch.softmax(weak_logits.detach().float() / cfg.temperature, dim=1).max(dim=1)
         mask = confidence >= cfg.threshold
-        loss_u = (F.cross_entropy(logits_s, pseudo, reduction="none") * mask).mean()
+        loss_u = weighted_cross_entropy(logits_s, pseudo, mask)
         loss = loss_l + cfg.unlabeled_weight * loss_u
         ctx.optimize("model", loss)
         metrics = {

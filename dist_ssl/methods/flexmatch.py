@@ -28,11 +28,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from dist_ssl.config import Config
 from dist_ssl.errors import UserError
-from dist_ssl.methods.base import Method, StepContext, StepOutput, TrainBatch, full
+from dist_ssl.methods.base import Method, StepContext, StepOutput, TrainBatch, full, weak_strong_forward, weighted_cross_entropy
 
 
 def class_thresholds(status: torch.Tensor, num_classes: int, threshold: float, warmup: bool) -> torch.Tensor:
@@ -74,17 +73,14 @@ class FlexMatch(Method):
 
     def train_step(self, batch: TrainBatch, ctx: StepContext) -> StepOutput:
         cfg = self.settings
-        weak, strong = batch.unlabeled["weak"], batch.unlabeled["strong"]
-        n_l, n_u = len(batch.labeled_x), len(weak)
-        logits_l, logits_w, logits_s = self.nets["model"](torch.cat([batch.labeled_x, weak, strong])).split([n_l, n_u, n_u])
-        loss_l = F.cross_entropy(logits_l, batch.labeled_y)
+        loss_l, logits_w, logits_s = weak_strong_forward(self.nets["model"], batch)
         confidence, pseudo = torch.softmax(full(logits_w.detach()), dim=1).max(dim=1)
         self.status = self.status.to(confidence.device)
         thresholds = class_thresholds(self.status, self.num_classes, cfg.threshold, cfg.warmup)  # the previous step's status
         mask = confidence.double() >= thresholds[pseudo]
         unused = (self.status < 0).sum() / max(len(self.status), 1)
         self.update(batch.unlabeled_index, pseudo, confidence >= cfg.threshold, ctx)
-        loss_u = (F.cross_entropy(logits_s, pseudo, reduction="none") * mask).mean()
+        loss_u = weighted_cross_entropy(logits_s, pseudo, mask)
         loss = loss_l + cfg.unlabeled_weight * loss_u
         ctx.optimize("model", loss)
         metrics = {

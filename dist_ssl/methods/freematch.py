@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from dist_ssl.config import Config
-from dist_ssl.methods.base import Method, StepContext, StepOutput, TrainBatch, full
+from dist_ssl.methods.base import Method, StepContext, StepOutput, TrainBatch, full, weak_strong_forward, weighted_cross_entropy
 
 
 def class_thresholds(threshold: torch.Tensor, class_distribution: torch.Tensor) -> torch.Tensor:
@@ -79,16 +79,13 @@ class FreeMatch(Method):
 
     def train_step(self, batch: TrainBatch, ctx: StepContext) -> StepOutput:
         cfg = self.settings
-        weak, strong = batch.unlabeled["weak"], batch.unlabeled["strong"]
-        n_l, n_u = len(batch.labeled_x), len(weak)
-        logits_l, logits_w, logits_s = self.nets["model"](torch.cat([batch.labeled_x, weak, strong])).split([n_l, n_u, n_u])
-        loss_l = F.cross_entropy(logits_l, batch.labeled_y)
+        loss_l, logits_w, logits_s = weak_strong_forward(self.nets["model"], batch)
         probs = torch.softmax(full(logits_w.detach()), dim=1)
         confidence, pseudo = probs.max(dim=1)
         self.update(probs, ctx)  # the batch enters the statistics before its own mask
         thresholds = class_thresholds(self.threshold, self.class_distribution)
         mask = confidence.double() >= thresholds[pseudo]
-        loss_u = (F.cross_entropy(logits_s, pseudo, reduction="none") * mask).mean()
+        loss_u = weighted_cross_entropy(logits_s, pseudo, mask)
         loss = loss_l + cfg.unlabeled_weight * loss_u
         metrics = {"loss_labeled": loss_l.detach(), "loss_unlabeled": loss_u.detach(), "mask_rate": mask.float().mean(), "threshold": self.threshold}
         metrics.update({f"threshold/class_{c}": value for c, value in enumerate(thresholds.unbind())})

@@ -24,10 +24,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from dist_ssl.config import Config
-from dist_ssl.methods.base import Method, StepContext, StepOutput, TrainBatch, full
+from dist_ssl.methods.base import Method, StepContext, StepOutput, TrainBatch, full, weak_strong_forward, weighted_cross_entropy
 
 ALIGNMENT_EPSILON = 1e-6  # USB's, in both the uniform target and the moving mean
 
@@ -76,17 +75,14 @@ class SoftMatch(Method):
 
     def train_step(self, batch: TrainBatch, ctx: StepContext) -> StepOutput:
         cfg = self.settings
-        weak, strong = batch.unlabeled["weak"], batch.unlabeled["strong"]
-        n_l, n_u = len(batch.labeled_x), len(weak)
-        logits_l, logits_w, logits_s = self.nets["model"](torch.cat([batch.labeled_x, weak, strong])).split([n_l, n_u, n_u])
-        loss_l = F.cross_entropy(logits_l, batch.labeled_y)
+        loss_l, logits_w, logits_s = weak_strong_forward(self.nets["model"], batch)
         probs = torch.softmax(full(logits_w.detach()), dim=1).double()
         if cfg.uniform_alignment:
             probs = self.align(probs, ctx)
         confidence, pseudo = probs.max(dim=1)
         self.update(confidence, ctx)
         weight = sample_weights(confidence, self.mean, self.variance, cfg.n_sigma)
-        loss_u = (F.cross_entropy(logits_s, pseudo, reduction="none") * weight.to(logits_s.dtype)).mean()
+        loss_u = weighted_cross_entropy(logits_s, pseudo, weight)
         loss = loss_l + cfg.unlabeled_weight * loss_u
         ctx.optimize("model", loss)
         metrics = {
