@@ -16,9 +16,14 @@ nearly every sample teaches, and it rises with the model's confidence instead of
 Self-adaptive fairness (USB's `entropy_loss`, weight `fairness_weight`, 0.01 = USB's ent_loss_ratio):
 over the masked samples' strong-view softmax q, with hist_s the histogram of their argmax,
 
-    L_f = - sum_c  norm(p~_t / h~_t)(c) * log(norm(mean q / hist_s)(c) + 1e-12),   norm(v) = v / sum v
+    L_f = -H(norm(p~_t / h~_t), norm(mean q / hist_s))
+        = sum_c  norm(p~_t / h~_t)(c) * log(norm(mean q / hist_s)(c) + 1e-12),   norm(v) = v / sum v
 
-(a class with no masked sample has hist_s = 0 and its factor is 0, as USB's replace_inf_to_zero).
+the paper's negative cross-entropy, with USB's sign (its `entropy_loss` returns this sum, added with
++ent_loss_ratio): minimizing it lowers the batch's normalized confidence on the classes whose
+normalized confidence the model already holds high, which is what keeps the classes fair; the
+cross-entropy itself would pull the batch towards the model's bias. The value is negative. A class
+with no masked sample has hist_s = 0 and its factor is 0, as USB's replace_inf_to_zero.
 
 Global, not per GPU: the three averages move by sums over every rank (`ctx.reduce_sum`), and L_f's
 mean q and hist_s are those of the global batch, with each rank's gradient flowing through its own
@@ -49,7 +54,7 @@ def fairness_loss(masked_probs_sum: torch.Tensor, masked_counts: torch.Tensor, c
     model = model / model.sum()
     batch = torch.where(masked_counts > 0, masked_probs_sum / masked_counts.clamp_min(1), torch.zeros_like(masked_probs_sum))
     batch = batch / batch.sum().clamp_min(torch.finfo(batch.dtype).tiny)
-    loss = -(model * torch.log(batch + 1e-12)).sum()
+    loss = (model * torch.log(batch + 1e-12)).sum()  # -H: USB's sign (the module's docstring)
     return loss * (masked_counts.sum() > 0)  # no masked sample anywhere: no term (USB: 0)
 
 

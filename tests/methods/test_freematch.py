@@ -30,7 +30,7 @@ MASK = [True, True, False, True]  # 0.7 >= 0.4276, 0.8 >= 0.4667, 0.4 < 0.4276, 
 #   model side  p~ / h~        = [0.82, 179/140, 137/140]      / (0.82 + 316/140)
 BATCH_SIDE = [0.65 / 1.75, 1.1 / 1.75, 0.0]
 MODEL_SIDE = [v / (0.82 + 316 / 140) for v in (0.82, 179 / 140, 137 / 140)]
-FAIRNESS = -sum(m * math.log(b + 1e-12) for m, b in zip(MODEL_SIDE, BATCH_SIDE))  # 9.2439
+FAIRNESS = sum(m * math.log(b + 1e-12) for m, b in zip(MODEL_SIDE, BATCH_SIDE))  # -9.2439: -H, USB's sign
 
 
 def identity_net():
@@ -55,7 +55,7 @@ def test_fairness_loss_matches_the_hand_computation_and_is_zero_without_masked_s
     counts = torch.tensor([2.0, 1.0, 0.0], dtype=torch.float64)
     p_model, histogram = torch.tensor(P_MODEL, dtype=torch.float64), torch.tensor(HISTOGRAM, dtype=torch.float64)
     assert fairness_loss(masked_sum, counts, p_model, histogram).item() == pytest.approx(FAIRNESS, rel=1e-9)
-    assert FAIRNESS == pytest.approx(9.2439, abs=1e-4)
+    assert FAIRNESS == pytest.approx(-9.2439, abs=1e-4)
     nothing = fairness_loss(torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64), p_model, histogram)
     assert nothing.item() == 0.0
 
