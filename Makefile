@@ -28,7 +28,7 @@ demo: install
 	$(VENV)/bin/dist-ssl demo --processes 2
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 clean:
 	rm -rf $(VENV) runs
