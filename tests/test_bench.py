@@ -1,5 +1,5 @@
-"""`dist-ssl bench`: a real tiny protocol (digits, 1 and 2 labels per class, 2 draws, supervised and
-FixMatch, 3 steps a run) through the real CLI, signalled during its first run, then finished, rerun,
+"""`dist-ssl bench`: a real tiny protocol (digits, 1 and 2 labels per class, 2 draws, FixMatch, 3 steps
+a run) through the real CLI, signalled during its first run, then finished, rerun,
 and rerun after one run lost its results; and every bad protocol as one error line."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from tests.conftest import REPO, run_cli
 from tests.test_cli import one_error_line
 from tests.test_report import assert_decodes
 
-METHODS = {"supervised": str(REPO / "configs/digits/supervised.yaml"), "fixmatch": str(REPO / "configs/digits/fixmatch.yaml")}
+METHODS = {"fixmatch": str(REPO / "configs/digits/fixmatch.yaml")}
 TINY = ["train.epochs=1", "train.steps_per_epoch=3", "data.batch_size=20", "data.unlabeled_batch_ratio=2"]
 RUNS = [(method, labels, draw) for labels in (1, 2) for draw in (0, 1) for method in METHODS]
 
@@ -43,7 +43,7 @@ def launched(stdout: str) -> list[str]:
     return [line for line in stdout.splitlines() if line.startswith("bench: run ") and " -> " in line]
 
 
-pytestmark = pytest.mark.slow  # 9 real runs, ~1.5 min on 2 cores: a minute of it the fixture's 8 runs
+pytestmark = pytest.mark.slow  # 5 real runs: the fixture's 4 and one retrained
 
 
 @pytest.fixture(scope="module")
@@ -74,16 +74,16 @@ def bench(tmp_path_factory):
 def test_a_signal_stops_the_bench_after_its_run_committed_and_the_rerun_resumes_it(bench):
     stopped, finished = bench["stopped"], bench["finished"]
     assert stopped.returncode == 75, stopped.stderr
-    assert "dist-ssl: bench stopped by SIGTERM during run 1/8 (supervised-1pc-draw0, exit 75)" in stopped.stderr
-    assert launched(stopped.stdout) == [f"bench: run 1/8 supervised labels=1 draw=0 -> {bench['out']}/runs/supervised-1pc-draw0"]
+    assert "dist-ssl: bench stopped by SIGTERM during run 1/4 (fixmatch-1pc-draw0, exit 75)" in stopped.stderr
+    assert launched(stopped.stdout) == [f"bench: run 1/4 fixmatch labels=1 draw=0 -> {bench['out']}/runs/fixmatch-1pc-draw0"]
 
     assert finished.returncode == 0, finished.stderr
     lines = launched(finished.stdout)
-    assert len(lines) == 8
-    assert lines[0].endswith("supervised-1pc-draw0 (resuming)")
+    assert len(lines) == 4
+    assert lines[0].endswith("fixmatch-1pc-draw0 (resuming)")
     # It committed a step before the last (the signal came after step 1) and went on from there.
-    assert re.search(rf"resumed from {bench['out']}/runs/supervised-1pc-draw0/checkpoints/step-[12] at step [12]\n", finished.stdout)
-    assert lines[5] == f"bench: run 6/8 fixmatch labels=2 draw=0 -> {bench['out']}/runs/fixmatch-2pc-draw0"
+    assert re.search(rf"resumed from {bench['out']}/runs/fixmatch-1pc-draw0/checkpoints/step-[12] at step [12]\n", finished.stdout)
+    assert lines[2] == f"bench: run 3/4 fixmatch labels=2 draw=0 -> {bench['out']}/runs/fixmatch-2pc-draw0"
     # Each dataset written once, just before its first run: `shards write --seed D` for draw D.
     writes = [line for line in finished.stdout.splitlines() if line.startswith("bench: writing")]
     assert len(writes) == 3  # the fourth, labels=1 draw=0, was written before the signal
@@ -97,9 +97,9 @@ def test_tables_hold_each_draws_accuracy_from_its_results_json(bench):
     out = bench["out"]
     with open(out / "bench.csv") as handle:
         rows = list(csv.DictReader(handle))
-    assert [(r["method"], r["labels_per_class"]) for r in rows] == [("supervised", "1"), ("supervised", "2"), ("fixmatch", "1"), ("fixmatch", "2")]
+    assert [(r["method"], r["labels_per_class"]) for r in rows] == [("fixmatch", "1"), ("fixmatch", "2")]
     md = (out / "bench.md").read_text()
-    assert "8 of 8 runs done" in md
+    assert "4 of 4 runs done" in md
     for row in rows:
         method, labels = row["method"], int(row["labels_per_class"])
         runs = [results_of(out, method, labels, draw) for draw in (0, 1)]
@@ -123,7 +123,7 @@ def test_a_rerun_skips_every_finished_run(bench):
     again = run_cli("bench", str(bench["path"]))
     assert again.returncode == 0, again.stderr
     assert launched(again.stdout) == []
-    assert sum(" done before (test accuracy " in line for line in again.stdout.splitlines()) == 8
+    assert sum(" done before (test accuracy " in line for line in again.stdout.splitlines()) == 4
     assert {run: results_of(out, *run) for run in RUNS} == before
 
 
@@ -134,7 +134,7 @@ def test_a_run_that_lost_its_results_is_the_only_one_trained_again(bench):
     before = {run: results_of(out, *run) for run in RUNS if run != lost}
     again = run_cli("bench", str(bench["path"]))
     assert again.returncode == 0, again.stderr
-    assert launched(again.stdout) == [f"bench: run 8/8 fixmatch labels=2 draw=1 -> {out}/runs/fixmatch-2pc-draw1 (resuming)"]
+    assert launched(again.stdout) == [f"bench: run 4/4 fixmatch labels=2 draw=1 -> {out}/runs/fixmatch-2pc-draw1 (resuming)"]
     assert {run: results_of(out, *run) for run in RUNS if run != lost} == before
     assert results_of(out, *lost)["steps"] == 3
 
