@@ -1,9 +1,10 @@
 """`dist-ssl` command line: shards, train, evaluate, report, pseudo-label, select, pipeline, bench, demo.
 
 Every user error ends as one line on stderr (`dist-ssl: error: ...`) and exit code 2, a disk that
-refuses a write included. A training run stopped by SIGTERM/SIGUSR1 commits a checkpoint, leaves a
-`PREEMPTED` file in its folder and exits with 75: run the same command to resume. Commands that
-write a run folder hold its lock (engine/lock.py). Under `accelerate launch`, errors every rank
+refuses a write included. `train`, `pseudo-label`, `select` and `pipeline` stopped by SIGTERM/SIGUSR1
+commit their work so far, leave a `PREEMPTED` file in their folder (naming the pipeline's stage) and
+exit with 75: run the same command to resume. Commands that write a run folder hold its lock
+(engine/lock.py). Under `accelerate launch`, errors every rank
 would raise alike are printed by rank 0 only.
 """
 
@@ -71,6 +72,32 @@ def _shards_verify(args) -> int:
     return 0
 
 
+def _resumable(folder: str | Path, work) -> int:
+    """Run `work()`, the job of a command that writes `folder`, under the folder's run lock. A
+    SIGTERM/SIGUSR1 (preemption.install() was called first) ends it with its work so far committed,
+    a PREEMPTED marker in the folder, one line, and exit 75: the same command resumes it."""
+    from dist_ssl.engine import preemption
+    from dist_ssl.engine.lock import run_lock
+    from dist_ssl.files import atomic_write_json, writing
+
+    run = Path(folder)
+    main = int(os.environ.get("RANK", "0")) == 0
+    with run_lock(run):
+        marker = run / PREEMPTED
+        if main and marker.exists():  # this session decides anew how the run ends
+            with writing(marker):
+                marker.unlink()
+        try:
+            work()
+        except preemption.Preempted as stopped:
+            if main:
+                # What a requeue wrapper reads whatever the launcher made of the ranks' exit 75.
+                atomic_write_json(marker, stopped.marker())
+                print(f"dist-ssl: {stopped} (exit {preemption.REQUEUE_EXIT_CODE})", file=sys.stderr, flush=True)
+            return preemption.REQUEUE_EXIT_CODE
+    return 0
+
+
 def _train(args) -> int:
     from dist_ssl.engine import preemption
 
@@ -78,31 +105,10 @@ def _train(args) -> int:
     # so that a signal during the seconds of imports below does not kill the process.
     preemption.install()
     from dist_ssl.config import load_config
-    from dist_ssl.engine.lock import run_lock
     from dist_ssl.engine.loop import train
 
     cfg = load_config(args.config, args.overrides)
-    run = Path(cfg.train.output_dir)
-    main = int(os.environ.get("RANK", "0")) == 0
-    with run_lock(run):  # the fine-tune stage writes into run/finetune: covered
-        marker = run / PREEMPTED
-        if main and marker.exists():  # this session decides anew how the run ends
-            from dist_ssl.files import writing
-
-            with writing(marker):
-                marker.unlink()
-        try:
-            train(cfg)
-        except preemption.Preempted as stopped:
-            if main:
-                from dist_ssl.files import atomic_write_json
-
-                # What a requeue wrapper reads whatever the launcher made of the ranks' exit 75.
-                atomic_write_json(marker, {"preempted": True, "resumable_at_step": stopped.step, "checkpoint": str(stopped.checkpoint),
-                                           "signal": stopped.signal_name, "exit_code": preemption.REQUEUE_EXIT_CODE})
-                print(f"dist-ssl: {stopped} (exit {preemption.REQUEUE_EXIT_CODE})", file=sys.stderr, flush=True)
-            return preemption.REQUEUE_EXIT_CODE
-    return 0
+    return _resumable(cfg.train.output_dir, lambda: train(cfg))  # the fine-tune stage writes into it too
 
 
 def _evaluate(args) -> int:
@@ -124,38 +130,38 @@ def _report_run(args) -> int:
 
 
 def _pseudo_label(args) -> int:
+    from dist_ssl.engine import preemption
+
+    preemption.install()  # a signal: finish the current output shard, exit 75
     from dist_ssl.config import InferenceConfig
-    from dist_ssl.engine.lock import run_lock
     from dist_ssl.inference.pseudo_label import pseudo_label
 
     cfg = InferenceConfig(top_p=args.top_p, batch_size=args.batch_size, workers=args.workers, weights=args.weights, precision=args.precision,
                           max_bad_fraction=args.max_bad_fraction, allow_pipe=args.allow_pipe)
-    with run_lock(args.out):
-        pseudo_label(args.checkpoint, args.shards, args.out, cfg)
-    return 0
+    return _resumable(args.out, lambda: pseudo_label(args.checkpoint, args.shards, args.out, cfg))
 
 
 def _select(args) -> int:
+    from dist_ssl.engine import preemption
+
+    preemption.install()  # a signal: finish the current output shard, exit 75
     from dist_ssl.config import SelectConfig
-    from dist_ssl.engine.lock import run_lock
     from dist_ssl.inference.select import select
 
     cfg = SelectConfig(policy=args.policy, top_k=args.top_k, threshold=args.threshold, sample_rate=args.sample_rate,
                        soft=args.soft, maxcount=args.maxcount)
-    with run_lock(args.out):
-        select(args.predictions, args.out, cfg, args.include_labeled, allow_pipe=args.allow_pipe)
-    return 0
+    return _resumable(args.out, lambda: select(args.predictions, args.out, cfg, args.include_labeled, allow_pipe=args.allow_pipe))
 
 
 def _pipeline(args) -> int:
+    from dist_ssl.engine import preemption
+
+    preemption.install()  # a signal: the current stage stops as it would alone, exit 75, the marker names the stage
     from dist_ssl.config import load_pipeline_config
-    from dist_ssl.engine.lock import run_lock
     from dist_ssl.pipeline import run_pipeline
 
     cfg = load_pipeline_config(args.config, args.overrides)
-    with run_lock(cfg.output_dir):  # every stage lives under output_dir
-        run_pipeline(cfg)
-    return 0
+    return _resumable(cfg.output_dir, lambda: run_pipeline(cfg))  # every stage lives under output_dir
 
 
 def _at_least(low: int | float, kind=int):

@@ -4,12 +4,22 @@ place, fsync the folder: a reader sees the old file or the whole new one, never 
 
 A write that the disk refuses (read-only, full, over quota, no permission) is a `CannotWrite`: one
 line `cannot write PATH: REASON`, exit 2, and no temporary file left behind. A process that no longer
-owns its run (the run lock was taken over, the launcher died: `revoke`) publishes nothing more."""
+owns its run (the run lock was taken over, the launcher died: `revoke`) publishes nothing more. A
+process killed mid-write leaves `NAME.tmpPID`: the next command to take the folder's run lock
+removes it (`remove_leftovers`).
+
+Fault injection (`benchmarks/chaos.py`, tests): with `DIST_SSL_DIE_WRITING=GLOB@N` (or
+`GLOB@N:RANK`) in its environment, a process SIGKILLs itself half-way through its N-th write of a
+file whose name matches GLOB (on that rank only): the real write path, dying at the worst moment."""
 
 from __future__ import annotations
 
+import fnmatch
+import io
 import json
 import os
+import re
+import signal
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -88,6 +98,33 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+DIE_WRITING = "DIST_SSL_DIE_WRITING"
+_writes_matched = 0
+
+
+def _dies_writing(path: Path) -> bool:
+    """Whether this write is the one `DIST_SSL_DIE_WRITING` names (see the module's docstring)."""
+    global _writes_matched
+    spec = os.environ.get(DIE_WRITING)
+    if not spec:
+        return False
+    pattern, _, which = spec.rpartition("@")
+    nth, _, rank = which.partition(":")
+    if (rank and rank != os.environ.get("RANK", "0")) or not fnmatch.fnmatch(path.name, pattern):
+        return False
+    _writes_matched += 1
+    return _writes_matched == int(nth)
+
+
+def _write_half_and_die(handle, write: Callable) -> None:
+    buffer = io.BytesIO()
+    write(buffer)
+    handle.write(buffer.getvalue()[: buffer.tell() // 2])
+    handle.flush()
+    os.fsync(handle.fileno())
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def atomic_write(path: Path, write: Callable) -> None:
     """`write(handle)` into `path` atomically (binary handle). The temporary name carries the pid, so
     processes writing the same path never share one; a crash leaves a `NAME.tmpPID` file behind."""
@@ -95,6 +132,8 @@ def atomic_write(path: Path, write: Callable) -> None:
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as handle:
+            if _dies_writing(path):
+                _write_half_and_die(handle, write)
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
@@ -125,3 +164,17 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     import torch
 
     atomic_write(path, lambda handle: torch.save(obj, handle))
+
+
+_LEFTOVER = re.compile(r"\.tmp\d+$")
+
+
+def remove_leftovers(folder: Path) -> list[Path]:
+    """Remove the `NAME.tmpPID` files that writes killed mid-way left under `folder`; returns them.
+    Only for the holder of the folder's run lock, before it writes: nobody else writes there."""
+    removed = []
+    for path in Path(folder).rglob("*.tmp*"):
+        if _LEFTOVER.search(path.name) and path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed

@@ -16,7 +16,12 @@ Every stage is an ordinary job with its own completion mark: a training stage is
 `results.json` exists (an interrupted one resumes from its own checkpoints), a pseudo-label or
 selection stage when its `manifest.json` is published (an interrupted one resumes by shard). A
 rerun skips what is done. All stages run in the same processes, one process or `accelerate
-launch` with N; the process group stays up between them.
+launch` with N; the process group stays up between them. The pipeline holds the run lock of
+output_dir for all of them.
+
+SIGTERM/SIGUSR1 (engine/preemption.py): a training stage commits a checkpoint, an inference stage
+finishes its current output shard, a signal between stages stops before the next one; each raises
+`Preempted` naming the stage (the command line leaves a PREEMPTED marker that says it, exit 75).
 """
 
 from __future__ import annotations
@@ -121,11 +126,32 @@ def _say(text: str) -> None:
         print(text, flush=True)
 
 
+def _in_stage(name: str, work):
+    """Run one stage. A signal caught before it (by any rank) stops the pipeline here; one caught
+    inside stops the stage as it would stop alone. Either way the `Preempted` names the stage."""
+    from dist_ssl.engine import preemption
+
+    stop = preemption.stop_requested()
+    if stop:
+        raise preemption.Preempted(stop, "before it started", stage=name)
+    try:
+        return work()
+    except preemption.Preempted as stopped:
+        stopped.stage = name
+        raise
+
+
 def run_pipeline(cfg: PipelineConfig) -> dict:
+    """Run (or resume) every stage of the pipeline; returns results.json's content. Holds the run
+    lock of output_dir. Call it on every rank."""
+    from dist_ssl.engine.lock import run_lock
+
+    with run_lock(cfg.output_dir):
+        return _run_pipeline(cfg)
+
+
+def _run_pipeline(cfg: PipelineConfig) -> dict:
     from dist_ssl.engine.accelerator import on_main, process_state
-    from dist_ssl.engine.loop import split_path
-    from dist_ssl.inference.pseudo_label import pseudo_label
-    from dist_ssl.inference.select import select
 
     if not cfg.shards:
         raise UserError("config key 'shards' is not set: point it at a folder written by `dist-ssl shards write`")
@@ -142,40 +168,55 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         return results
 
     board = _Board(run, state.is_main_process)
+    try:
+        results = _stages(cfg, run, board)
+    finally:  # a preempted stage too: what the board has is flushed
+        board.close()
+    on_main(state, lambda: atomic_write_json(final, results))
+    _table(results)
+    return results
+
+
+def _stages(cfg: PipelineConfig, run: Path, board: _Board) -> dict:
+    from dist_ssl.engine.loop import split_path
+    from dist_ssl.inference.pseudo_label import pseudo_label
+    from dist_ssl.inference.select import select
+
     teacher_cfg = _stage(cfg.teacher, cfg, run / "teacher")
     pool = split_path(teacher_cfg, "unlabeled")
     labeled = split_path(teacher_cfg, "labeled")
-    teacher = _train_stage("teacher", teacher_cfg)
+    teacher = _in_stage("teacher", lambda: _train_stage("teacher", teacher_cfg))
     board.accuracy("teacher", teacher, 0)
     results = {"output_dir": str(run), "teacher": _summary(teacher), "rounds": []}
     teacher_run = run / "teacher"
     for round_ in range(1, cfg.rounds + 1):
         folder = run / f"round-{round_}"
         _say(f"== round {round_}/{cfg.rounds}: pseudo-label {pool} with {teacher_run}")
-        predictions = pseudo_label(teacher_run, pool, folder / "pseudo-labels",
-                                   dataclasses.replace(cfg.pseudo_label, allow_pipe=cfg.pseudo_label.allow_pipe or cfg.allow_pipe))
+        inference = dataclasses.replace(cfg.pseudo_label, allow_pipe=cfg.pseudo_label.allow_pipe or cfg.allow_pipe)
+        predictions = _in_stage(f"round {round_} pseudo-labels",
+                                lambda: pseudo_label(teacher_run, pool, folder / "pseudo-labels", inference))
         selection = with_round(cfg.select, round_)
         _say(f"== round {round_}: select ({selection.policy})")
-        selected = select(folder / "pseudo-labels", folder / "selected", selection, labeled if selection.include_labeled else None,
-                          allow_pipe=cfg.allow_pipe or cfg.pseudo_label.allow_pipe)
+        selected = _in_stage(f"round {round_} select", lambda: select(
+            folder / "pseudo-labels", folder / "selected", selection, labeled if selection.include_labeled else None,
+            allow_pipe=cfg.allow_pipe or cfg.pseudo_label.allow_pipe))
         board.round(round_, predictions, selected, folder / "selected")
-        student = _train_stage(f"round {round_} student", _stage(cfg.student, cfg, folder / "student", labeled=str((folder / "selected").resolve())))
+        student_cfg = _stage(cfg.student, cfg, folder / "student", labeled=str((folder / "selected").resolve()))
+        student = _in_stage(f"round {round_} student", lambda: _train_stage(f"round {round_} student", student_cfg))
         board.accuracy("student", student, round_)
         entry = {"round": round_, "pseudo_labels": _label_summary(predictions["statistics"]),
                  "selected": dict(_label_summary(selected["pseudo_labels"]["statistics"]), num_samples=selected["num_samples"]),
                  "student": _summary(student)}
         teacher_run = folder / "student"
         if cfg.finetune_on_labels:
-            finetune = _train_stage(f"round {round_} fine-tune", _stage(cfg.finetune, cfg, folder / "finetune", init_from=folder / "student"))
+            finetune_cfg = _stage(cfg.finetune, cfg, folder / "finetune", init_from=folder / "student")
+            finetune = _in_stage(f"round {round_} fine-tune", lambda: _train_stage(f"round {round_} fine-tune", finetune_cfg))
             board.accuracy("finetune", finetune, round_)
             entry["finetune"] = _summary(finetune)
             teacher_run = folder / "finetune"
         results["rounds"].append(entry)
-    board.close()
     last = results["rounds"][-1]
     results["final"] = last.get("finetune", last["student"])
-    on_main(state, lambda: atomic_write_json(final, results))
-    _table(results)
     return results
 
 

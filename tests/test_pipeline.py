@@ -4,13 +4,17 @@ two, skipping finished stages and resuming interrupted ones; self-training round
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
+import sys
 import time
 
 import pytest
 import yaml
 
+from dist_ssl.cli import PREEMPTED
 from dist_ssl.config import load_pipeline_config, save_config
+from dist_ssl.engine import checkpoint
 from dist_ssl.inference.pseudo_label import load_predictions_manifest
 from dist_ssl.pipeline import run_pipeline
 from tests.conftest import REPO, accelerate_command, run_cli
@@ -111,3 +115,40 @@ def test_two_processes_killed_after_selection_resume_where_they_stopped(digits_s
     assert results["rounds"][0]["finetune"]["test_accuracy"] is not None
     for stage in ("teacher", "round-1/student", "round-1/finetune"):
         assert json.loads((run / stage / "results.json").read_text())["world_size"] == 2
+
+
+def committed_step(run) -> int:
+    found = checkpoint.committed(run / "checkpoints")
+    return found[-1][0] if found else 0
+
+
+@pytest.mark.slow
+def test_a_sigterm_in_a_stage_exits_75_naming_it_and_the_rerun_goes_on_from_there(digits_shards, tmp_path):
+    """SIGTERM while the teacher trains, then while the student trains: each time the stage commits,
+    the command exits 75 and PREEMPTED names the stage; the rerun skips what was done."""
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "dist_ssl", "pipeline", str(CONFIG), f"shards={digits_shards}", f"output_dir={run}", *TINY,
+            "teacher.train.checkpoint_every_steps=2", "student.train.checkpoint_every_steps=2", "teacher.train.epochs=3"]
+
+    def stop_when(ready, stage):
+        proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 300
+        while not ready() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 75, out + err
+        marker = json.loads((run / PREEMPTED).read_text())
+        assert marker["stage"] == stage and marker["signal"] == "SIGTERM" and marker["exit_code"] == 75, marker
+        assert f"dist-ssl: in stage {stage}: stopped by SIGTERM at step {marker['resumable_at_step']} after committing" in err
+        return out
+
+    stop_when(lambda: committed_step(run / "teacher") >= 2, "teacher")
+    out = stop_when(lambda: committed_step(run / "round-1" / "student") >= 2, "round 1 student")
+    assert "resumed from" in out and "round-1/pseudo-labels" in out
+    last = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert last.returncode == 0, last.stdout + last.stderr
+    assert "== teacher: done before" in last.stdout and "round-1/selected is complete" in last.stdout
+    assert f"resumed from {run / 'round-1' / 'student' / 'checkpoints'}" in last.stdout
+    assert (run / "results.json").is_file() and not (run / PREEMPTED).exists()
+    assert not [p for p in run.rglob("*") if ".tmp" in p.name or p.name == "dist-ssl.lock"]

@@ -20,6 +20,9 @@ filesystems make atomic:
 - take over: rename the stale file to a name of one's own, which only one contender can do, check
   that the moved file is the one judged stale, then take the lock as above;
 - release: remove the file if it still holds the token.
+
+Once the lock is taken, the temporary files of writes that killed commands left in the folder are
+removed (`files.remove_leftovers`): nobody else writes there.
 """
 
 from __future__ import annotations
@@ -180,6 +183,7 @@ class RunLock:
                     break
             else:
                 raise Locked(f"{self.folder}: could not take {self.path}; another run is starting there")
+        files.remove_leftovers(self.folder)  # of commands killed mid-write: the folder is ours now
         self._thread = threading.Thread(target=self._beat, name="run-lock-heartbeat", daemon=True)
         self._thread.start()
         files.revoke_when(self._taken_from_us)

@@ -339,7 +339,7 @@ class Trainer:
             if decision.stop:
                 self.logger.close()
                 self.accelerator.wait_for_everyone()
-                raise preemption.Preempted(decision.stop, done, path)
+                raise preemption.Preempted(decision.stop, f"at step {done} after committing {path}", done, path)
         self.data_wait_seconds = sum(b.waited for b in batches.values())
         if last_eval is None:  # resumed at the end: report the finished run again
             last_eval = self.evaluate(total)
@@ -456,11 +456,19 @@ class _StreamsPiece:
 
 def train(cfg: Config) -> dict:
     """Train, resuming from the newest committed checkpoint of train.output_dir; then fine-tune on
-    the labels when train.finetune.epochs > 0 (an ordinary run in output_dir/finetune)."""
+    the labels when train.finetune.epochs > 0 (an ordinary run in output_dir/finetune). Holds the
+    run lock of train.output_dir (from Python as from the command line)."""
+    from dist_ssl.engine.lock import run_lock
+
+    with run_lock(cfg.train.output_dir):
+        return _train(cfg)
+
+
+def _train(cfg: Config) -> dict:
     trainer = Trainer(cfg)
     results = trainer.fit()
     if cfg.train.finetune.epochs > 0:
-        tuned = train(finetune_config(cfg, checkpoint.latest(trainer.run_dir / "checkpoints"), trainer.data.labeled.num_samples))
+        tuned = _train(finetune_config(cfg, checkpoint.latest(trainer.run_dir / "checkpoints"), trainer.data.labeled.num_samples))
         results["finetuned"] = {k: tuned[k] for k in ("test_accuracy", "test_loss", "best_test_accuracy", "steps", "wall_seconds", "run_dir")}
         if trainer.accelerator.is_main_process:
             checkpoint.atomic_write_text(trainer.run_dir / "results.json", json.dumps(results, indent=1))

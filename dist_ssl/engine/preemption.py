@@ -13,6 +13,11 @@ line exits with `REQUEUE_EXIT_CODE` (75), and running the same command again res
 
 A signal sent to a whole process group or cgroup (torchrun and SLURM do that) also reaches the
 DataLoader workers, which leave it to the training process (`data/streams.py`).
+
+Inference jobs (`pseudo-label`, `select`) look at the flag after each output shard they publish and
+stop taking new ones; at their final barrier `stop_requested()` decides for every rank together, and
+they raise `Preempted` instead of publishing. `pipeline` asks the same at every stage boundary and
+names the stage in what it raises.
 """
 
 from __future__ import annotations
@@ -66,11 +71,48 @@ def catch_signals() -> Iterator[None]:
 
 
 class Preempted(Exception):
-    """The run stopped on a signal after committing a checkpoint; the same command resumes it."""
+    """The job stopped on a signal with its work so far committed; the same command resumes it.
 
-    def __init__(self, signal_name: str, step: int, checkpoint):
-        super().__init__(f"stopped by {signal_name} at step {step} after committing {checkpoint}; run the same command again to resume")
-        self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
+    `kept` says what was committed ("at step 8 after committing .../step-8", "after writing 3 of 7
+    prediction shards to OUT"); a training job also gives its step and checkpoint; `stage` is the
+    pipeline stage it stopped in (set by the pipeline)."""
+
+    def __init__(self, signal_name: str, kept: str, step: int | None = None, checkpoint=None, stage: str | None = None):
+        super().__init__(signal_name, kept)
+        self.signal_name, self.kept, self.step, self.checkpoint, self.stage = signal_name, kept, step, checkpoint, stage
+
+    def __str__(self) -> str:
+        where = f"in stage {self.stage}: " if self.stage else ""
+        return f"{where}stopped by {self.signal_name} {self.kept}; run the same command again to resume"
+
+    def marker(self) -> dict:
+        """What the PREEMPTED file of the job's folder says (for a requeue wrapper)."""
+        record = {"preempted": True}
+        if self.stage is not None:
+            record["stage"] = self.stage
+        if self.step is not None:
+            record.update(resumable_at_step=self.step, checkpoint=str(self.checkpoint))
+        return dict(record, signal=self.signal_name, exit_code=REQUEUE_EXIT_CODE)
+
+
+_group = None  # a gloo group for the flag when the default group is not gloo (see StepBoundary)
+
+
+def stop_requested() -> str | None:
+    """Called by every rank at the same point: the name of the signal any rank caught since
+    `install()`, or None. One tiny all-reduce when distributed."""
+    global _group
+    import torch
+    import torch.distributed as dist
+
+    signum = _received
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if _group is None and "gloo" not in dist.get_backend():
+            _group = dist.new_group(backend="gloo")
+        flag = torch.tensor([signum], dtype=torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=_group)
+        signum = int(flag[0])
+    return signal.Signals(signum).name if signum else None
 
 
 @dataclass

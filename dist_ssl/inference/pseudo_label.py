@@ -49,6 +49,8 @@ from dist_ssl.data.shards.manifest import (
 )
 from dist_ssl.data.shards.tar import raw_samples
 from dist_ssl.data.streams import SampleChecker, loader
+from dist_ssl.engine import preemption
+from dist_ssl.engine.lock import run_lock
 from dist_ssl.engine.logging import Progress
 from dist_ssl.errors import UserError
 from dist_ssl.files import atomic_write, atomic_write_json
@@ -186,6 +188,8 @@ def _predict(net, pool: Manifest, view, shards: list[int], out: Path, device: to
             _write_shard(out, pool, shard, parts.pop(shard, []), item["skipped"], top_p)
             if progress is not None:
                 progress.advance(len(item["skipped"]))  # so that a finished share reads total/total
+            if preemption.received():  # asked to stop: keep what is written, take no further shard
+                return
             continue
         # uint8 travels to the device and is normalized there: 4x less to copy than float32
         x = view.batch(item["input"].to(device, non_blocking=True))
@@ -305,8 +309,14 @@ def label_pool(net: torch.nn.Module, pool: Manifest, view, out: Path, job: dict,
     """Predict every sample of `pool` into `out` (resuming what is there); returns the published manifest.
 
     `job` says where the predictions come from (checkpoint, step, weights...); a folder that holds
-    another job is refused. Call it on every rank.
+    another job is refused. Call it on every rank; it holds the run lock of `out`. After a signal
+    (engine/preemption.py) every rank stops after its current shard: `Preempted`, nothing published.
     """
+    with run_lock(out):
+        return _label_pool(net, pool, view, Path(out), job, cfg)
+
+
+def _label_pool(net: torch.nn.Module, pool: Manifest, view, out: Path, job: dict, cfg: InferenceConfig) -> dict:
     from dist_ssl.engine.accelerator import on_main, process_state
 
     state = process_state()
@@ -347,6 +357,10 @@ def label_pool(net: torch.nn.Module, pool: Manifest, view, out: Path, job: dict,
         _predict(net, pool, view, mine, out, state.device, dtype, top_p, cfg.batch_size, cfg.workers, cfg.max_bad_fraction, progress)
     state.wait_for_everyone()
     seconds = time.time() - started
+    stop = preemption.stop_requested()
+    if stop:
+        written = on_main(state, lambda: sum((out / output_name(i)).is_file() for i in range(len(pool.shards))))
+        raise preemption.Preempted(stop, f"after writing {written} of {len(pool.shards)} prediction shards to {out}")
     manifest = on_main(state, lambda: _publish(pool, out, job))
     if state.is_main_process:
         stats = manifest["statistics"]

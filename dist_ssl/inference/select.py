@@ -43,6 +43,8 @@ from dist_ssl.data.shards.manifest import (
     sha256_file,
 )
 from dist_ssl.data.shards.tar import raw_samples
+from dist_ssl.engine import preemption
+from dist_ssl.engine.lock import run_lock
 from dist_ssl.engine.logging import Progress
 from dist_ssl.errors import UserError
 from dist_ssl.files import atomic_write, atomic_write_json
@@ -283,10 +285,15 @@ def select(predictions: str | Path, out: str | Path, cfg: SelectConfig, labeled_
            allow_pipe: bool = False) -> dict:
     """Write the selection of a published pseudo-label folder as a labeled split in `out`; returns
     its manifest. `labeled_dir`: a labeled split to copy in as well. `allow_pipe`: see data.allow_pipe.
-    Call it on every rank."""
+    Call it on every rank; it holds the run lock of `out`. After a signal (engine/preemption.py)
+    every rank stops after its current shard: `Preempted`, nothing published."""
+    with run_lock(out):
+        return _select(Path(predictions), Path(out), cfg, labeled_dir, allow_pipe)
+
+
+def _select(predictions: Path, out: Path, cfg: SelectConfig, labeled_dir: str | Path | None, allow_pipe: bool) -> dict:
     from dist_ssl.engine.accelerator import on_main, process_state
 
-    predictions, out = Path(predictions), Path(out)
     manifest = load_predictions_manifest(predictions)
     pool = load_manifest(manifest["pool"], allow_pipe)
     if sha256_file(pool.root / "manifest.json") != manifest["pool_manifest_sha256"]:
@@ -343,7 +350,13 @@ def select(predictions: str | Path, out: str | Path, cfg: SelectConfig, labeled_
         progress = Progress(label, sum(expected[pending[i]] for i in block), "samples", every=cfg.maxcount)  # about a line per shard
     for i in block:
         _write_chunk(out, pending[i], chunks, plan, repeated, pool, predictions, manifest, labeled, cfg.soft, progress)
+        if preemption.received():  # asked to stop: keep the shards written, take no further one
+            break
     state.wait_for_everyone()
+    stop = preemption.stop_requested()
+    if stop:
+        written = on_main(state, lambda: sum(_sidecar(out, j).is_file() for j in range(chunks)))
+        raise preemption.Preempted(stop, f"after writing {written} of {chunks} selected shards to {out}")
     result = on_main(state, lambda: _publish(out, chunks, expected, pool, job, stats, manifest, labeled, cfg.soft))
     if state.is_main_process:
         summary = result["pseudo_labels"]["statistics"]

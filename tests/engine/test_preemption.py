@@ -22,6 +22,7 @@ from dist_ssl.engine import checkpoint, preemption
 from dist_ssl.engine.accelerator import make_accelerator
 from dist_ssl.engine.evaluate import evaluate_checkpoint
 from dist_ssl.engine.loop import train
+from dist_ssl.files import DIE_WRITING
 from tests.conftest import (
     REPO,
     accelerate_command,
@@ -113,9 +114,9 @@ def train_args(shards, out, *extra):
             "data.workers=1", "model.dropout=0.3", *extra]
 
 
-def launch(shards, out, *extra, entry=("-m", "dist_ssl")):
-    return subprocess.Popen(accelerate_command(2, *train_args(shards, out, *extra), entry=entry), cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+def launch(shards, out, *extra, env=None):
+    return subprocess.Popen(accelerate_command(2, *train_args(shards, out, *extra)), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True, env=dict(os.environ, **(env or {})))
 
 
 def launch_like_srun(shards, out, *extra):
@@ -246,11 +247,12 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_committed_step(digits_
 def test_a_rank_dying_while_it_writes_leaves_the_previous_checkpoint_to_resume(digits_shards, tmp_path, reference):
     run = tmp_path / "run"
     every = ("train.checkpoint_every_steps=4", "train.keep_last=1")
-    crashed = launch(digits_shards, run, *every, entry=(str(REPO / "tests" / "engine" / "dies_mid_write.py"), "16", "1"))
+    # rank 1 SIGKILLs itself half-way through its 5th rank file (steps 4, 8, 10, 12, 16): step 16 (files.DIE_WRITING)
+    crashed = launch(digits_shards, run, *every, env={DIE_WRITING: "rank-*.pt@5:1"})
     out, _ = crashed.communicate(timeout=600)
     assert crashed.returncode != 0, out
     half_written = run / "checkpoints" / "step-16"
-    assert (half_written / "rank-00001.pt.tmp").is_file() and not (half_written / checkpoint.MARKER).exists()
+    assert list(half_written.glob("rank-00001.pt.tmp*")) and not (half_written / checkpoint.MARKER).exists()
     assert [s for s, _ in checkpoint.committed(run / "checkpoints")] == [12]  # keep_last=1 kept the newest committed one
     assert_every_committed_checkpoint_loads(run)
 

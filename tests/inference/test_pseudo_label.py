@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 
@@ -16,6 +18,7 @@ import pytest
 from dist_ssl.config import InferenceConfig
 from dist_ssl.data.shards.manifest import load_manifest
 from dist_ssl.data.shards.tar import raw_samples
+from dist_ssl.engine import preemption
 from dist_ssl.errors import UserError
 from dist_ssl.inference.jobs import contiguous_blocks
 from dist_ssl.inference.pseudo_label import (
@@ -139,6 +142,17 @@ def test_a_killed_two_process_run_resumes_on_one_process(reference, teacher32, p
     for name, data in before.items():  # a finished shard is never recomputed
         assert (out / name).read_bytes() == data
     assert not list(out.glob("*.tmp*"))
+    assert_same_labels(reference, out)
+
+
+def test_a_signal_stops_it_after_the_current_shard_and_the_rerun_finishes(reference, teacher32, pool7, tmp_path):
+    out = tmp_path / "labels"
+    with preemption.catch_signals():
+        os.kill(os.getpid(), signal.SIGUSR1)  # caught before the first shard is done
+        with pytest.raises(preemption.Preempted, match=f"stopped by SIGUSR1 after writing 1 of 7 prediction shards to {out}"):
+            pseudo_label(teacher32, pool7, out, FAST)
+    assert [p.name for p in out.glob("predictions-*.npz")] == ["predictions-000000.npz"] and not (out / "manifest.json").exists()
+    pseudo_label(teacher32, pool7, out, FAST)
     assert_same_labels(reference, out)
 
 

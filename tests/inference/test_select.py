@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import shutil
+import signal
 
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ from dist_ssl.data.shards.manifest import load_manifest, sha256_file
 from dist_ssl.data.shards.tar import raw_samples
 from dist_ssl.data.streams import TrainStream
 from dist_ssl.data.transforms import View
+from dist_ssl.engine import preemption
 from dist_ssl.engine.loop import train
 from dist_ssl.errors import UserError
 from dist_ssl.inference.pseudo_label import (
@@ -144,6 +147,19 @@ def test_an_interrupted_selection_resumes_by_shard(labels8, tmp_path):
     assert second == first
     assert {p.name: p.read_bytes() for p in out.glob("selected-*.tar")} == data  # byte-identical shards
     assert not list(out.glob("*.tmp*"))
+
+
+def test_a_signal_stops_it_after_the_current_shard_and_the_rerun_finishes(labels8, tmp_path):
+    whole = select(labels8, tmp_path / "whole", SelectConfig(policy="top_k", top_k=12, maxcount=40))
+    out = tmp_path / "sel"
+    with preemption.catch_signals():
+        os.kill(os.getpid(), signal.SIGTERM)  # caught before the first shard is written
+        with pytest.raises(preemption.Preempted, match=f"stopped by SIGTERM after writing 1 of 3 selected shards to {out}"):
+            select(labels8, out, SelectConfig(policy="top_k", top_k=12, maxcount=40))
+    assert [p.name for p in out.glob("selected-*.tar")] == ["selected-000000.tar"] and not (out / "manifest.json").exists()
+    again = select(labels8, out, SelectConfig(policy="top_k", top_k=12, maxcount=40))
+    assert {k: v for k, v in again.items() if k != "output"} == {k: v for k, v in whole.items() if k != "output"}
+    assert {p.name: p.read_bytes() for p in out.glob("selected-*.tar")} == {p.name: p.read_bytes() for p in (tmp_path / "whole").glob("selected-*.tar")}
 
 
 def test_bad_inputs(labels8, digits_shards, tmp_path):
