@@ -8,7 +8,7 @@ import pytest
 
 from dist_ssl.data.shards.codec import decode_sample
 from dist_ssl.data.shards.manifest import load_manifest, sha256_file
-from dist_ssl.data.shards.tar import raw_samples
+from dist_ssl.data.shards.tar import RETRIES, ShardReader, raw_samples
 from dist_ssl.data.shards.verify import verify
 from dist_ssl.data.shards.writer import write_dataset
 from dist_ssl.data.sources import load_source
@@ -294,3 +294,73 @@ def test_shard_urls_outside_the_split_folder_are_refused_unless_allowed(digits_s
     if "s3" not in why:
         shard = allowed.shards[0]
         assert sum(1 for _ in raw_samples(allowed.url(shard), shard)) == 50
+
+
+# ----------------------------------------------------------------------------------------------
+# transient storage faults: retried with backoff, then one clear error
+
+
+def test_a_shard_missing_for_a_moment_is_read_after_a_retry(digits_shards, tmp_path, capfd):
+    """A lagging NFS listing or object-store mount: the file comes back while the reader backs off."""
+    import threading
+
+    folder = tmp_path / "unlabeled"
+    shutil.copytree(digits_shards / "unlabeled", folder)
+    manifest = load_manifest(folder)
+    path = folder / manifest.shards[0].url
+    whole = list(raw_samples(str(path), manifest.shards[0]))
+    path.rename(path.with_suffix(".away"))
+    threading.Timer(0.4, lambda: path.with_suffix(".away").rename(path)).start()
+    reader = ShardReader(str(path), manifest.shards[0])
+    assert [s["__key__"] for s in reader] == [s["__key__"] for s in whole]
+    assert 1 <= reader.retries <= 2 and reader.problems() == []
+    assert f"dist-ssl: warning: shard {path}: it is missing; retry 1 of {RETRIES} in 0.25 s" in capfd.readouterr().err
+
+
+def test_an_io_error_mid_shard_rereads_it_skipping_what_was_handed_out_then_gives_up(digits_shards, monkeypatch):
+    """EIO half-way through a shard (a storage hiccup: the one fault here that is simulated, by a
+    stream that fails after N bytes): the reader re-opens it and hands out each sample once; when
+    the error persists past RETRIES it is one DataError naming the shard."""
+    import errno
+    import importlib
+
+    from dist_ssl.data.shards import tar
+    from dist_ssl.data.shards.manifest import DataError
+
+    manifest = load_manifest(digits_shards / "unlabeled")
+    info = manifest.shards[0]
+    url = manifest.url(info)
+    whole = [s["__key__"] for s in raw_samples(url, info)]
+    gopen_module = importlib.import_module("webdataset.gopen")  # `webdataset.gopen` is also a function's name
+    real_open = gopen_module.gopen
+    failures = {"left": 2}
+
+    class Failing:
+        def __init__(self, stream, after):
+            self.stream, self.left = stream, after
+
+        def read(self, size=-1):
+            if self.left <= 0:
+                raise OSError(errno.EIO, "Input/output error")
+            data = self.stream.read(size if size >= 0 else self.left)[: self.left]
+            self.left -= len(data)
+            return data
+
+        def close(self):
+            self.stream.close()
+
+    def flaky_open(path, mode="rb", **kw):
+        stream = real_open(path, mode, **kw)
+        if failures["left"] > 0:
+            failures["left"] -= 1
+            return Failing(stream, info.bytes // 2)
+        return stream
+
+    monkeypatch.setattr(gopen_module, "gopen", flaky_open)
+    monkeypatch.setattr(tar, "BACKOFF_SECONDS", 0.01)
+    reader = ShardReader(url, info)
+    assert [s["__key__"] for s in reader] == whole and reader.retries == 2 and reader.problems() == []
+
+    failures["left"] = RETRIES + 1
+    with pytest.raises(DataError, match=rf"shard {re.escape(url)} could not be read after {RETRIES} retries: EIO"):
+        list(ShardReader(url, info))

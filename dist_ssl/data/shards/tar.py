@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
+import sys
+import time
 from typing import Iterator
 
 from dist_ssl.data.shards.manifest import DataError, ShardInfo, is_remote
@@ -124,28 +127,63 @@ def tar_members(stream, url: str) -> Iterator[dict]:
         yield {"fname": name, "data": data, "__url__": url}
 
 
+# What a network filesystem or an object-store mount says in a hiccup: I/O error, stale NFS handle,
+# a file missing for a moment (a listing that lags a rename). Retried; anything else fails at once.
+TRANSIENT = frozenset({errno.EIO, errno.ESTALE, errno.ENOENT})
+RETRIES = 4  # re-opens of a shard after a transient error, waiting BACKOFF_SECONDS x 1, 2, 4, 8 (3.75 s in all)
+BACKOFF_SECONDS = 0.25
+
+
 class ShardReader:
     """The raw samples (grouped by key, not decoded) of one tar shard: a local path, `http(s)://` or
     `pipe:` URL (webdataset's `gopen`). With the manifest entry, `problems` lists what differs from it
     once the shard has been read to its end: bytes, sha256, sample count.
+
+    A transient storage error (`TRANSIENT`, at open or mid-shard) re-opens the shard after a backoff
+    and reads it again from its start, skipping the samples already handed out (so the sha256 is
+    still that of one whole read), at most RETRIES times; `retries` counts them, each with a warning.
     """
 
     def __init__(self, url: str, shard: ShardInfo | None = None):
         self.url, self.shard = url, shard
         self.samples = 0
+        self.retries = 0
         self.reader: _CountingReader | None = None
 
     def __iter__(self) -> Iterator[dict]:
+        while True:
+            try:
+                yield from self._read(skip=self.samples)
+                return
+            except _Transient as exc:
+                if self.retries >= RETRIES:
+                    raise exc.final from None
+                self.retries += 1
+                wait = BACKOFF_SECONDS * 2 ** (self.retries - 1)
+                print(f"dist-ssl: warning: shard {self.url}: {exc.why}; retry {self.retries} of {RETRIES} in {wait:g} s",
+                      file=sys.stderr, flush=True)
+                time.sleep(wait)
+
+    def _read(self, skip: int) -> Iterator[dict]:
         from webdataset.gopen import gopen
         from webdataset.tariterators import group_by_keys
 
         if not is_remote(self.url) and not os.path.isfile(self.url):
-            raise DataError(f"shard {self.url} is missing")
-        stream = gopen(self.url, "rb")
+            raise _Transient("it is missing", DataError(f"shard {self.url} is missing"))
+        try:
+            stream = gopen(self.url, "rb")
+        except OSError as exc:
+            if exc.errno in TRANSIENT:
+                raise _Transient(_say(exc), DataError(f"shard {self.url} could not be opened: {_say(exc)}")) from exc
+            raise
         self.reader = _CountingReader(stream)
         failure = closing = None
+        seen = 0
         try:
             for sample in group_by_keys(tar_members(self.reader, self.url)):
+                seen += 1
+                if seen <= skip:  # handed out before the retry
+                    continue
                 self.samples += 1
                 yield sample
             self.reader.drain()
@@ -156,6 +194,9 @@ class ShardReader:
                 stream.close()
             except OSError as exc:
                 closing = exc
+        if isinstance(failure, OSError) and failure.errno in TRANSIENT:
+            raise _Transient(f"{_say(failure)} after {max(seen, skip)} samples",
+                             DataError(f"shard {self.url} could not be read after {RETRIES} retries: {_say(failure)}"))
         if closing is not None or isinstance(failure, OSError) and "exit" in str(failure):
             # a pipe (curl for http, aws for s3...) that failed: its exit status says more than the tar parser
             status = re.search(r"exit (\d+)", str(closing or failure))
@@ -177,6 +218,19 @@ class ShardReader:
         if self.samples != self.shard.num_samples:
             found.append(f"{self.samples} samples, the manifest says {self.shard.num_samples}")
         return found
+
+
+class _Transient(Exception):
+    """A transient storage error while reading a shard: `why` for the warning, `final` to raise
+    when the retries are spent."""
+
+    def __init__(self, why: str, final: DataError):
+        super().__init__(why)
+        self.why, self.final = why, final
+
+
+def _say(exc: OSError) -> str:
+    return f"{errno.errorcode.get(exc.errno, exc.errno)} ({exc.strerror or exc})"
 
 
 def raw_samples(url: str, shard: ShardInfo | None = None) -> Iterator[dict]:
