@@ -10,6 +10,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -317,3 +318,39 @@ def test_a_progress_line_every_n_batches(teacher8, digits_shards, tmp_path, monk
     assert done[-1] == load_manifest(digits_shards / "unlabeled").num_samples
     gaps = np.diff([0, *done[:-1]])
     assert len(done) > 3 and all(128 <= gap < 128 + 64 for gap in gaps)  # 2 batches of 64, or a shard's short batch more
+
+
+def test_a_full_disk_keeps_the_published_shards_and_the_rerun_finishes(reference, teacher32, pool7, tmp_path):
+    """The output disk (a real 64 KiB tmpfs) fills up half-way: one line, exit 2, every published
+    prediction shard whole and no temporary file; with room again the same command labels only the
+    rest, and the labels are those of an uninterrupted run."""
+    from tests.test_files import private_mounts
+
+    if private_mounts('mount -t tmpfs -o size=64k tmpfs "$1"', str(tmp_path)).returncode != 0:
+        pytest.skip("no private tmpfs mounts here")
+    disk, kept = tmp_path / "disk", tmp_path / "kept"
+    disk.mkdir()
+    kept.mkdir()
+    command = f"{sys.executable} -m dist_ssl pseudo-label {teacher32} --shards {pool7} --out {disk / 'labels'} --workers 0"
+    script = f'''
+        mount -t tmpfs -o size=64k tmpfs "$1" || exit 99
+        {command} > "$2/full.out" 2> "$2/full.err"; echo $? > "$2/full.rc"
+        cp -a "$1/labels" "$2/after-full"
+        mount -o remount,size=4m "$1"
+        {command} > "$2/again.out" 2>&1; echo $? > "$2/again.rc"
+        cp -a "$1/labels" "$2/labels"
+    '''
+    done = private_mounts(script, str(disk), str(kept))
+    assert done.returncode == 0, done.stderr
+    err = (kept / "full.err").read_text()
+    assert int((kept / "full.rc").read_text()) == 2, err
+    (line,) = [line for line in err.splitlines() if line.startswith("dist-ssl:")]
+    assert line.startswith(f"dist-ssl: error: cannot write {disk / 'labels'}/") and line.endswith("No space left on device"), line
+    published = sorted(p.name for p in (kept / "after-full").glob("predictions-*.npz"))
+    assert 1 <= len(published) < len(UNEVEN) and not list((kept / "after-full").glob("*.tmp*"))
+    for name in published:  # whole files, identical to the uninterrupted run's
+        assert (kept / "after-full" / name).read_bytes() == (reference / name).read_bytes()
+    again = (kept / "again.out").read_text()
+    assert int((kept / "again.rc").read_text()) == 0, again
+    assert f"({len(published)} done before)" in again
+    assert_same_labels(reference, kept / "labels")
