@@ -33,6 +33,7 @@ one-line error.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import random
@@ -472,13 +473,13 @@ class EvalStream(IterableDataset):
         }
 
 
-def _obey_only_the_parent(worker_id: int) -> None:
+def _obey_only_the_loader(loader_pid: int, worker_id: int) -> None:
     """SLURM signals every process of a job step and torchrun a rank's whole process group, workers
     included. torch's worker dies on a SIGTERM from anyone but its parent, and the training process
     then fails at once instead of checkpointing at the next step (engine/preemption.py).
 
     Here SIGTERM and SIGUSR1 are blocked in the worker and a thread takes them with sigwaitinfo,
-    which tells who sent them: the parent's SIGTERM (the DataLoader's or multiprocessing's shutdown)
+    which tells who sent them: the SIGTERM of the process that owns the DataLoader (its shutdown)
     ends the worker as before, everyone else's is left to the training process. Programs a worker
     starts inherit the blocked mask (a `pipe:` URL's curl then ends by SIGPIPE or SIGKILL)."""
     if not hasattr(signal, "sigwaitinfo"):  # macOS: keep torch's behaviour
@@ -489,7 +490,7 @@ def _obey_only_the_parent(worker_id: int) -> None:
     def wait() -> None:
         while True:
             info = signal.sigwaitinfo(stop_signals)
-            if info.si_signo == signal.SIGTERM and info.si_pid == os.getppid():
+            if info.si_signo == signal.SIGTERM and info.si_pid == loader_pid:
                 os._exit(0)  # what torch's own handler does for its parent
 
     threading.Thread(target=wait, name="stop-signals", daemon=True).start()
@@ -512,6 +513,26 @@ class Batches:
             yield batch
 
 
+def worker_context():
+    """How DataLoader workers start: from a forkserver, not by forking the rank.
+
+    A rank has threads (the run lock's heartbeat, the launcher watchdog, TensorBoard's writer, the
+    queue feeders of its other loaders), and forking a process with threads can deadlock the child:
+    on CPython 3.11 a child forked while another thread holds the interpreter's thread-list lock
+    waits for it forever inside os.fork() (seen here: an evaluation worker stuck in
+    `_PyThreadState_DeleteExcept`, its rank waiting for its first batch). The forkserver is one
+    single-threaded process per rank, started on first use with the modules a worker needs already
+    imported; every worker is forked from it. Where there is no forkserver (macOS, Windows), the
+    platform's default."""
+    import multiprocessing
+
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return None
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "dist_ssl.data.streams", "dist_ssl.data.transforms"])
+    return context
+
+
 def loader(stream: IterableDataset, workers: int) -> Batches:
     """Batches are made inside the stream; the DataLoader only adds worker processes (one iterator
     per loader: an infinite training stream, or one pass of evaluation, so workers never persist)."""
@@ -521,7 +542,8 @@ def loader(stream: IterableDataset, workers: int) -> Batches:
         num_workers=workers,
         prefetch_factor=4 if workers > 0 else None,
         pin_memory=torch.cuda.is_available(),
-        worker_init_fn=_obey_only_the_parent if workers > 0 else None,
+        multiprocessing_context=worker_context() if workers > 0 else None,
+        worker_init_fn=functools.partial(_obey_only_the_loader, os.getpid()) if workers > 0 else None,
         # Its workers' base seed comes from a generator of its own: drawn from the global one when the
         # iterator starts (lazily, at the first batch), it would shift the training RNG (dropout,
         # sampled pseudo-labels) of a resumed run against the uninterrupted one. Samples are seeded
