@@ -14,6 +14,7 @@ import argparse
 import errno
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -351,4 +352,7 @@ def main(argv: list[str] | None = None) -> None:
 
             if dist.is_available() and dist.is_initialized():
                 dist.destroy_process_group()
+    # The command is over: a SIGTERM/SIGUSR1 from here on (Python gives them their default action
+    # back while it shuts down) must not turn the exit status of finished work into a signal's.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR1})
     sys.exit(code)
