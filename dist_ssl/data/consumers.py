@@ -1,0 +1,256 @@
+"""Virtual consumers: which samples make global batch k, the same on any number of GPUs and workers.
+
+A training stream is planned for a fixed number V of *virtual consumers* (`data.virtual_consumers`),
+never for the processes and DataLoader workers a run happens to get:
+
+* A stream reads *units*: whole shards, or, with fewer shards than V, strided parts of shards (every
+  virtual consumer always has data). In data epoch `e` the shards are permuted by (seed, e), each
+  shard is expanded into its parts, and virtual consumer `v` takes every V-th unit from position v;
+  the parts of a shard thus go to neighbouring consumers, which one worker usually serves and reads
+  in one pass over the shard (`ShardPasses`).
+* Global batch `k` is cut from the virtual consumers in their order (`share`): V splits into
+  g = gcd(V, B) blocks of V/g consumers; each block gives B/g samples per batch, dealt round-robin
+  among its consumers, so every consumer reads at the same pace.
+* Rank r of W serves the consumers [rV/W, (r+1)V/W) (`served`): its share of the global batch is the
+  slice [rB/W, (r+1)B/W). Its workers serve contiguous groups of those consumers; each worker yields
+  its piece of every batch and the rank joins them in worker order (DataLoader's round-robin).
+
+So global batch k holds the same samples in the same order on any layout whose world size divides
+g, and a sample's augmentation is seeded by (seed, epoch, shard, position) alone. Resuming on another
+layout only moves consumers between ranks and workers: their positions carry over unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+
+from dist_ssl.data.shards.manifest import DataError, Manifest
+from dist_ssl.data.shards.tar import raw_samples
+from dist_ssl.errors import UserError
+
+DEFAULT_VIRTUAL_CONSUMERS = 64  # divisible by 1, 2, 4, 8, 16, 32 and 64 processes x workers
+_MASK = (1 << 64) - 1
+
+
+def mix(*values: int) -> int:
+    """A 63-bit hash of integers (splitmix64 steps): seeds that differ for every (seed, epoch, ...).
+
+    Why not numpy's SeedSequence: it runs once per view of every sample, and SeedSequence costs
+    26 us a call against 5 us here (measured); splitmix64 is the standard 64-bit seed mixer."""
+    state = 0x9E3779B97F4A7C15
+    for value in values:
+        state = (state + (value & _MASK) + 0x9E3779B97F4A7C15) & _MASK
+        z = state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
+        state = z ^ (z >> 31)
+    return state >> 1
+
+
+def share(consumer: int, batch: int, consumers: int, batch_size: int) -> int:
+    """How many samples virtual `consumer` gives to global batch `batch` (of `batch_size`)."""
+    blocks = math.gcd(consumers, batch_size)
+    size, per_batch = consumers // blocks, batch_size // blocks
+    slot = consumer % size
+
+    def dealt(slots: int) -> int:  # of the block's first `slots` samples, how many are this consumer's
+        return max(slots - slot + size - 1, 0) // size
+
+    return dealt((batch + 1) * per_batch) - dealt(batch * per_batch)
+
+
+def served(consumers: int, rank: int, world: int, worker: int = 0, workers: int = 1) -> range:
+    """The virtual consumers a rank's worker serves: contiguous, in worker order within the rank's."""
+    per_rank = consumers // world
+    first = rank * per_rank
+    return range(first + worker * per_rank // workers, first + (worker + 1) * per_rank // workers)
+
+
+def check_layout(root, consumers: int, world: int, workers: int, batch_size: int) -> None:
+    """One clear error for a layout that cannot serve the virtual consumers (`batch_size` is global)."""
+    blocks = math.gcd(consumers, batch_size)
+    if blocks % world:
+        valid = [w for w in range(1, blocks + 1) if blocks % w == 0]
+        raise UserError(
+            f"{world} processes cannot share the stream of {root}: its global batches of {batch_size} are cut from "
+            f"data.virtual_consumers={consumers} virtual consumers, which {', '.join(map(str, valid))} processes can "
+            f"share evenly (the divisors of gcd({consumers}, {batch_size})); another data.virtual_consumers starts another order"
+        )
+    if workers > consumers // world:
+        raise UserError(
+            f"data.workers={workers} is more than the {consumers // world} virtual consumers each of the {world} processes "
+            f"serves in the stream of {root}: use 0 to {consumers // world} workers (or more data.virtual_consumers)"
+        )
+
+
+@dataclass(frozen=True)
+class Unit:
+    shard: int
+    part: int = 0
+    parts: int = 1
+
+    def length(self, manifest: Manifest) -> int:
+        return len(range(self.part, manifest.shards[self.shard].num_samples, self.parts))
+
+
+def make_units(num_shards: int, consumers: int) -> list[Unit]:
+    parts = 1 if num_shards >= consumers else math.ceil(consumers / num_shards)
+    return [Unit(s, j, parts) for s in range(num_shards) for j in range(parts)]
+
+
+@dataclass(frozen=True)
+class Work:
+    """Read `unit` as it is ordered in data epoch `epoch`, from its `start`-th sample on."""
+
+    epoch: int
+    unit: Unit
+    start: int = 0
+
+
+@dataclass
+class Layout:
+    """Who reads what: `consumers` readers, the units of the regular epochs (from `base_epoch` on) and
+    the residual work left by an earlier layout, read first (as phase `base_epoch - 1`).
+
+    `grouped`: a shard's parts go to neighbouring consumers (shards are permuted, then expanded);
+    False is the order of checkpoints written before virtual consumers (units permuted one by one),
+    kept to redistribute what such a checkpoint had left."""
+
+    consumers: int
+    units: list[Unit]
+    seed: int
+    base_epoch: int = 0
+    residual: tuple[Work, ...] = ()
+    grouped: bool = True
+    _orders: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def plan(self, consumer: int, phase: int) -> list[Work]:
+        if phase < self.base_epoch:
+            return list(self.residual[consumer :: self.consumers]) if phase == self.base_epoch - 1 else []
+        return [Work(phase, unit) for unit in self._order(phase)[consumer :: self.consumers]]
+
+    def _order(self, phase: int) -> list[Unit]:
+        order = self._orders.get(phase)
+        if order is None:
+            rng = np.random.default_rng([self.seed, phase])
+            if self.grouped and self.units:
+                parts = self.units[0].parts
+                order = [Unit(int(s), j, parts) for s in rng.permutation(len(self.units) // parts) for j in range(parts)]
+                turn = int(rng.integers(len(order)))  # who gets two units, or a shard's empty parts, changes every epoch
+                order = order[turn:] + order[:turn]
+            else:
+                order = [self.units[i] for i in rng.permutation(len(self.units))]
+            if len(self._orders) >= 8:  # consumers are a few epochs apart at most
+                self._orders.pop(min(self._orders))
+            self._orders[phase] = order
+        return order
+
+    def start(self) -> tuple[int, int, int]:
+        """Where a consumer that has not read anything yet begins."""
+        return (self.base_epoch - 1, 0, 0) if self.residual else (self.base_epoch, 0, 0)
+
+
+def unit_samples(manifest: Manifest, unit: Unit, seed: int, epoch: int, shuffle_buffer: int) -> Iterator[tuple[int, dict]]:
+    """(position in the shard's shuffled order, raw sample) for the samples of `unit` in `epoch`."""
+    import webdataset as wds
+
+    shard = manifest.shards[unit.shard]
+    samples = _numbered(raw_samples(manifest.url(shard), shard))
+    rng = random.Random(mix(seed, epoch, unit.shard))
+    shuffled = wds.shuffle(shuffle_buffer, initial=shuffle_buffer, rng=rng)(samples)
+    for position, raw in enumerate(shuffled):
+        if position % unit.parts == unit.part:
+            yield position, raw
+
+
+def _numbered(samples: Iterator[dict]) -> Iterator[dict]:
+    """Each raw sample with `__index__`, its place in the shard's file, taken before shuffling: with
+    the shard's offset in the manifest, the sample's index in its split, the same in every epoch,
+    layout and rank (FlexMatch keeps per-sample state by it)."""
+    for index, raw in enumerate(samples):
+        raw["__index__"] = index
+        yield raw
+
+
+class _Pass:
+    """One pass over a shard's shuffled order in one epoch, handing each registered part its samples
+    (from the part's `first`-th on); the samples of other parts are dropped undecoded."""
+
+    def __init__(self, samples: Iterator[tuple[int, dict]], parts: int, url: str):
+        self.samples, self.parts, self.url = samples, parts, url
+        self.queues: dict[int, deque] = {}
+        self.first: dict[int, int] = {}
+        self.left: dict[int, int] = {}
+        self.next_position = 0
+
+    def add(self, part: int, first: int, length: int) -> bool:
+        """Register a part; False when it is registered already or its samples have gone by."""
+        if part in self.queues or first * self.parts + part < self.next_position:
+            return False
+        self.queues[part], self.first[part], self.left[part] = deque(), first, length - first
+        return True
+
+    def take(self, part: int) -> tuple[int, dict]:
+        queue = self.queues[part]
+        while not queue:
+            item = next(self.samples, None)
+            if item is None:
+                raise DataError(f"shard {self.url} ended before its part {part} of {self.parts} did")
+            position = item[0]
+            self.next_position = position + 1
+            owner = position % self.parts
+            if owner in self.queues and position // self.parts >= self.first[owner]:
+                self.queues[owner].append(item)
+        self.left[part] -= 1
+        return queue.popleft()
+
+    @property
+    def finished(self) -> bool:
+        return not any(self.left.values())
+
+
+class ShardPasses:
+    """A worker's reads: the parts of one shard in one epoch that its consumers read at about the same
+    time come from one pass over the shard (a shard split into P parts is read once, not P times).
+
+    `open(work, start, upcoming)` returns a function giving the unit's next (position, raw sample);
+    `upcoming` lists the (work, start) its consumers read next, registered when a pass opens."""
+
+    def __init__(self, manifest: Manifest, seed: int, shuffle_buffer: int):
+        self.manifest, self.seed, self.shuffle_buffer = manifest, seed, shuffle_buffer
+        self.passes: dict[tuple[int, int], _Pass] = {}
+
+    def _new(self, epoch: int, unit: Unit) -> _Pass:
+        samples = unit_samples(self.manifest, Unit(unit.shard), self.seed, epoch, self.shuffle_buffer)
+        return _Pass(samples, unit.parts, self.manifest.url(self.manifest.shards[unit.shard]))
+
+    def open(self, work: Work, start: int, upcoming: Callable[[], list]) -> Callable[[], tuple[int, dict]]:
+        key, unit = (work.epoch, work.unit.shard), work.unit
+        length = unit.length(self.manifest)
+        shared = self.passes.get(key)
+        if shared is None and unit.parts > 1:
+            shared = self.passes[key] = self._new(work.epoch, unit)
+            for other, first in upcoming():
+                if (other.epoch, other.unit.shard) == key:
+                    shared.add(other.unit.part, first, other.unit.length(self.manifest))
+        if shared is not None:
+            if unit.part in shared.queues and (shared.first[unit.part], shared.left[unit.part]) != (start, length - start):
+                shared.left[unit.part] = 0  # registered from another position (never expected): read it alone
+                shared.queues.pop(unit.part)
+            if unit.part in shared.queues or shared.add(unit.part, start, length):
+                return lambda: self._take(key, shared, unit.part)
+        alone = self._new(work.epoch, unit)
+        alone.add(unit.part, start, length)
+        return lambda: alone.take(unit.part)
+
+    def _take(self, key: tuple[int, int], shared: _Pass, part: int) -> tuple[int, dict]:
+        item = shared.take(part)
+        if shared.finished and self.passes.get(key) is shared:
+            del self.passes[key]
+        return item
