@@ -133,23 +133,35 @@ class Layout:
     def plan(self, consumer: int, phase: int) -> list[Work]:
         if phase < self.base_epoch:
             return list(self.residual[consumer :: self.consumers]) if phase == self.base_epoch - 1 else []
-        return [Work(phase, unit) for unit in self._order(phase)[consumer :: self.consumers]]
+        return [Work(phase, unit) for unit in self._order(phase)[0][consumer :: self.consumers]]
 
-    def _order(self, phase: int) -> list[Unit]:
-        order = self._orders.get(phase)
-        if order is None:
+    def holders(self, epoch: int, shard: int) -> list[tuple[int, int, Unit]]:
+        """(consumer, cursor, unit) of every part of `shard` in regular epoch `epoch`."""
+        order, first = self._order(epoch)
+        parts = self.units[0].parts
+        return [(i % self.consumers, i // self.consumers, order[i]) for i in ((first[shard] + j) % len(order) for j in range(parts))]
+
+    def _order(self, phase: int) -> tuple[list[Unit], np.ndarray | None]:
+        """The units of epoch `phase` in reading order, and (grouped) where each shard's part 0 is."""
+        cached = self._orders.get(phase)
+        if cached is None:
             rng = np.random.default_rng([self.seed, phase])
+            first = None
             if self.grouped and self.units:
                 parts = self.units[0].parts
-                order = [Unit(int(s), j, parts) for s in rng.permutation(len(self.units) // parts) for j in range(parts)]
+                shards = rng.permutation(len(self.units) // parts)
+                order = [Unit(int(s), j, parts) for s in shards for j in range(parts)]
                 turn = int(rng.integers(len(order)))  # who gets two units, or a shard's empty parts, changes every epoch
                 order = order[turn:] + order[:turn]
+                first = np.empty(len(shards), np.int64)
+                first[shards] = (np.arange(len(shards)) * parts - turn) % len(order)
             else:
                 order = [self.units[i] for i in rng.permutation(len(self.units))]
-            if len(self._orders) >= 8:  # consumers are a few epochs apart at most
+            # Consumers of a tiny split skip many epochs with nothing for them: keep many small orders.
+            if len(self._orders) >= max(8, (1 << 16) // max(len(order), 1)):
                 self._orders.pop(min(self._orders))
-            self._orders[phase] = order
-        return order
+            cached = self._orders[phase] = (order, first)
+        return cached
 
     def start(self) -> tuple[int, int, int]:
         """Where a consumer that has not read anything yet begins."""
@@ -219,8 +231,9 @@ class ShardPasses:
     """A worker's reads: the parts of one shard in one epoch that its consumers read at about the same
     time come from one pass over the shard (a shard split into P parts is read once, not P times).
 
-    `open(work, start, upcoming)` returns a function giving the unit's next (position, raw sample);
-    `upcoming` lists the (work, start) its consumers read next, registered when a pass opens."""
+    `open(work, start, holders)` returns a function giving the unit's next (position, raw sample);
+    `holders(epoch, shard)` lists the (unit, first sample) of the parts this worker's consumers are
+    about to read, registered when a pass opens."""
 
     def __init__(self, manifest: Manifest, seed: int, shuffle_buffer: int):
         self.manifest, self.seed, self.shuffle_buffer = manifest, seed, shuffle_buffer
@@ -230,15 +243,14 @@ class ShardPasses:
         samples = unit_samples(self.manifest, Unit(unit.shard), self.seed, epoch, self.shuffle_buffer)
         return _Pass(samples, unit.parts, self.manifest.url(self.manifest.shards[unit.shard]))
 
-    def open(self, work: Work, start: int, upcoming: Callable[[], list]) -> Callable[[], tuple[int, dict]]:
+    def open(self, work: Work, start: int, holders: Callable[[int, int], list]) -> Callable[[], tuple[int, dict]]:
         key, unit = (work.epoch, work.unit.shard), work.unit
         length = unit.length(self.manifest)
         shared = self.passes.get(key)
         if shared is None and unit.parts > 1:
             shared = self.passes[key] = self._new(work.epoch, unit)
-            for other, first in upcoming():
-                if (other.epoch, other.unit.shard) == key:
-                    shared.add(other.unit.part, first, other.unit.length(self.manifest))
+            for other, first in holders(*key):
+                shared.add(other.part, first, other.length(self.manifest))
         if shared is not None:
             if unit.part in shared.queues and (shared.first[unit.part], shared.left[unit.part]) != (start, length - start):
                 shared.left[unit.part] = 0  # registered from another position (never expected): read it alone

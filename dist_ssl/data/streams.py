@@ -144,21 +144,16 @@ class _Reader:
         self.next_sample = None  # the open unit's reader
         self.plan: list[Work] | None = None  # of the current phase
 
-    def upcoming(self) -> list[tuple[Work, int]]:
-        """The next two units this consumer opens (not the one it is reading), with their first sample."""
-        ahead, phase, cursor = [], self.phase, self.cursor + (self.next_sample is not None)
-        for phase in range(self.phase, self.phase + 3):
-            plan = self.stream.layout.plan(self.consumer, phase)
-            first = self.offset if phase == self.phase and cursor == self.cursor else 0
-            for work in plan[cursor : cursor + 2 - len(ahead)]:
-                ahead.append((work, max(work.start, first)))
-                first = 0
-            if len(ahead) == 2:
-                break
-            cursor = 0
-        return ahead
+    def about_to_read(self, epoch: int, cursor: int) -> int | None:
+        """The first sample this consumer will read of its unit at (epoch, cursor), when that unit is
+        the one it opens next or the one after (a shared pass keeps the unit's samples until then)."""
+        if self.phase == epoch and cursor == self.cursor and self.next_sample is None:
+            return self.offset
+        if (self.phase == epoch and cursor == self.cursor + 1) or (self.phase == epoch - 1 and cursor == 0):
+            return 0
+        return None
 
-    def take(self, count: int, pending: list, upcoming) -> None:
+    def take(self, count: int, pending: list, holders) -> None:
         manifest = self.stream.manifest
         while count > 0:
             if self.plan is None:
@@ -174,7 +169,7 @@ class _Reader:
                 if self.offset >= length:  # an empty unit (or part) is skipped without opening its shard
                     self.cursor, self.offset = self.cursor + 1, 0
                     continue
-                self.next_sample = self.passes.open(work, self.offset, upcoming)
+                self.next_sample = self.passes.open(work, self.offset, holders)
                 self.length, self.url = length, manifest.url(manifest.shards[work.unit.shard])
             position, raw = self.next_sample()
             self.offset += 1
@@ -360,14 +355,22 @@ class TrainStream(IterableDataset):
         passes = ShardPasses(self.manifest, self.seed, self.shuffle_buffer)
         readers = [_Reader(self, c, passes, checker) for c in consumers]
 
-        def upcoming() -> list[tuple[Work, int]]:
-            return [item for reader in readers for item in reader.upcoming()]
+        def holders(epoch: int, shard: int) -> list[tuple[Unit, int]]:
+            if epoch < self.layout.base_epoch:  # residual work of an earlier layout: each part is read alone
+                return []
+            found = []
+            for consumer, cursor, unit in self.layout.holders(epoch, shard):
+                if consumer in consumers:
+                    first = readers[consumer - consumers.start].about_to_read(epoch, cursor)
+                    if first is not None:
+                        found.append((unit, first))
+            return found
 
         number = self.batches
         while True:
             pending: list[tuple[int, int, int, dict]] = []
             for reader in readers:
-                reader.take(share(reader.consumer, number, self.virtual, global_batch), pending, upcoming)
+                reader.take(share(reader.consumer, number, self.virtual, global_batch), pending, holders)
             piece = collate(pending, self.views, self.seed) if pending else {"keys": []}
             piece.update(batch=number, positions=Positions(tuple((r.consumer, r.phase, r.cursor, r.offset, r.bad, r.read) for r in readers)))
             yield piece
