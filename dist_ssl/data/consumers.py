@@ -168,6 +168,13 @@ class Layout:
         return (self.base_epoch - 1, 0, 0) if self.residual else (self.base_epoch, 0, 0)
 
 
+def pass_buffer(shuffle_buffer: int, consumers: int, parts: int) -> int:
+    """The shuffle buffer of one pass over a shard: about consumers/parts shards are read at a time,
+    and together they hold `shuffle_buffer` samples (as one reader did before virtual consumers), not
+    64 times as many."""
+    return max(1, shuffle_buffer * parts // consumers)
+
+
 def unit_samples(manifest: Manifest, unit: Unit, seed: int, epoch: int, shuffle_buffer: int) -> Iterator[tuple[int, dict]]:
     """(position in the shard's shuffled order, raw sample) for the samples of `unit` in `epoch`."""
     import webdataset as wds
@@ -236,7 +243,7 @@ class ShardPasses:
     about to read, registered when a pass opens."""
 
     def __init__(self, manifest: Manifest, seed: int, shuffle_buffer: int):
-        self.manifest, self.seed, self.shuffle_buffer = manifest, seed, shuffle_buffer
+        self.manifest, self.seed, self.shuffle_buffer = manifest, seed, shuffle_buffer  # per pass (`pass_buffer`)
         self.passes: dict[tuple[int, int], _Pass] = {}
 
     def _new(self, epoch: int, unit: Unit) -> _Pass:

@@ -56,6 +56,7 @@ from dist_ssl.data.consumers import (  # noqa: F401  (Unit, unit_samples, mix: p
     check_layout,
     make_units,
     mix,
+    pass_buffer,
     served,
     share,
     unit_samples,
@@ -217,6 +218,7 @@ class TrainStream(IterableDataset):
         check_local_shards(manifest)
         self.offsets = np.cumsum([0] + [shard.num_samples for shard in manifest.shards]).tolist()  # shard -> its first sample's index
         self.layout = Layout(virtual_consumers, make_units(len(manifest.shards), virtual_consumers), seed)
+        self.pass_buffer = pass_buffer(shuffle_buffer, virtual_consumers, self.layout.units[0].parts)
         self.positions: dict[int, tuple[int, int, int]] = {}  # of this rank's virtual consumers
         self.counts: dict[int, tuple[int, int]] = {}  # virtual consumer -> (corrupt samples, samples read)
         self.carried = (0, 0)  # counts of the readers of an earlier order (rank 0 keeps them)
@@ -352,7 +354,7 @@ class TrainStream(IterableDataset):
         global_batch = self.batch_size * self.world
         counts = [self.counts.get(c, (0, 0)) for c in consumers]
         checker = SampleChecker(self.manifest, self.max_bad_fraction, sum(n[0] for n in counts), sum(n[1] for n in counts))
-        passes = ShardPasses(self.manifest, self.seed, self.shuffle_buffer)
+        passes = ShardPasses(self.manifest, self.seed, self.pass_buffer)
         readers = [_Reader(self, c, passes, checker) for c in consumers]
 
         def holders(epoch: int, shard: int) -> list[tuple[Unit, int]]:
