@@ -99,24 +99,32 @@ class Unit:
         return len(range(self.part, manifest.shards[self.shard].num_samples, self.parts))
 
 
-def make_units(num_shards: int, consumers: int) -> list[Unit]:
+def make_units(num_shards: int, consumers: int, grouped: bool = True) -> list[Unit]:
+    """Whole shards, or each shard in `parts` strided parts when there are fewer shards than consumers:
+    (grouped) the smallest divisor of `consumers` that gives each one a unit, so a shard's parts fill
+    whole groups of neighbouring consumers; (before virtual consumers) the smallest number that does."""
     parts = 1 if num_shards >= consumers else math.ceil(consumers / num_shards)
+    if grouped:
+        parts = next(p for p in range(parts, consumers + 1) if consumers % p == 0)
     return [Unit(s, j, parts) for s in range(num_shards) for j in range(parts)]
 
 
 @dataclass(frozen=True)
 class Work:
-    """Read `unit` as it is ordered in data epoch `epoch`, from its `start`-th sample on."""
+    """Read `unit` as it is ordered in data epoch `epoch` by a shuffle buffer of `buffer` samples, from
+    its `start`-th sample on."""
 
     epoch: int
     unit: Unit
     start: int = 0
+    buffer: int = 1
 
 
 @dataclass
 class Layout:
     """Who reads what: `consumers` readers, the units of the regular epochs (from `base_epoch` on) and
-    the residual work left by an earlier layout, read first (as phase `base_epoch - 1`).
+    the residual work left by an earlier layout, read first (as phase `base_epoch - 1`); `buffer` is
+    the shuffle buffer of each pass over a shard in the regular epochs (`pass_buffer`).
 
     `grouped`: a shard's parts go to neighbouring consumers (shards are permuted, then expanded);
     False is the order of checkpoints written before virtual consumers (units permuted one by one),
@@ -128,21 +136,36 @@ class Layout:
     base_epoch: int = 0
     residual: tuple[Work, ...] = ()
     grouped: bool = True
+    buffer: int = 1
     _orders: dict = field(default_factory=dict, repr=False, compare=False)
 
     def plan(self, consumer: int, phase: int) -> list[Work]:
         if phase < self.base_epoch:
             return list(self.residual[consumer :: self.consumers]) if phase == self.base_epoch - 1 else []
-        return [Work(phase, unit) for unit in self._order(phase)[0][consumer :: self.consumers]]
+        order = self._order(phase)[0]
+        return [Work(phase, unit, 0, self.buffer) for unit in order[self._first(consumer, phase) :: self.consumers]]
+
+    def _first(self, consumer: int, phase: int) -> int:
+        """Where a consumer's units of epoch `phase` begin. Grouped, the epochs' unit lists are dealt
+        as one sequence (consumer c takes every V-th unit of epoch 0, then of epoch 1, ...): with a
+        number of units that V does not divide, who gets one unit more changes every epoch, and no
+        consumer falls behind the others epoch after epoch."""
+        if not self.grouped:
+            return consumer
+        return (consumer - phase * len(self.units)) % self.consumers
 
     def holders(self, epoch: int, shard: int) -> list[tuple[int, int, Unit]]:
         """(consumer, cursor, unit) of every part of `shard` in regular epoch `epoch`."""
         order, first = self._order(epoch)
-        parts = self.units[0].parts
-        return [(i % self.consumers, i // self.consumers, order[i]) for i in ((first[shard] + j) % len(order) for j in range(parts))]
+        parts, shift = self.units[0].parts, epoch * len(self.units)
+        found = []
+        for i in range(first[shard], first[shard] + parts):
+            consumer = (i + shift) % self.consumers
+            found.append((consumer, (i - self._first(consumer, epoch)) // self.consumers, order[i]))
+        return found
 
     def _order(self, phase: int) -> tuple[list[Unit], np.ndarray | None]:
-        """The units of epoch `phase` in reading order, and (grouped) where each shard's part 0 is."""
+        """The units of epoch `phase` in reading order, and (grouped) where each shard's parts begin."""
         cached = self._orders.get(phase)
         if cached is None:
             rng = np.random.default_rng([self.seed, phase])
@@ -150,11 +173,10 @@ class Layout:
             if self.grouped and self.units:
                 parts = self.units[0].parts
                 shards = rng.permutation(len(self.units) // parts)
-                order = [Unit(int(s), j, parts) for s in shards for j in range(parts)]
-                turn = int(rng.integers(len(order)))  # who gets two units, or a shard's empty parts, changes every epoch
-                order = order[turn:] + order[:turn]
+                turns = rng.integers(parts, size=len(shards))  # which consumer gets a shard's empty parts changes
+                order = [Unit(int(s), int(j + turn) % parts, parts) for s, turn in zip(shards, turns) for j in range(parts)]
                 first = np.empty(len(shards), np.int64)
-                first[shards] = (np.arange(len(shards)) * parts - turn) % len(order)
+                first[shards] = np.arange(len(shards)) * parts
             else:
                 order = [self.units[i] for i in rng.permutation(len(self.units))]
             # Consumers of a tiny split skip many epochs with nothing for them: keep many small orders.
@@ -242,21 +264,21 @@ class ShardPasses:
     `holders(epoch, shard)` lists the (unit, first sample) of the parts this worker's consumers are
     about to read, registered when a pass opens."""
 
-    def __init__(self, manifest: Manifest, seed: int, shuffle_buffer: int):
-        self.manifest, self.seed, self.shuffle_buffer = manifest, seed, shuffle_buffer  # per pass (`pass_buffer`)
-        self.passes: dict[tuple[int, int], _Pass] = {}
+    def __init__(self, manifest: Manifest, seed: int):
+        self.manifest, self.seed = manifest, seed
+        self.passes: dict[tuple[int, int, int], _Pass] = {}
 
-    def _new(self, epoch: int, unit: Unit) -> _Pass:
-        samples = unit_samples(self.manifest, Unit(unit.shard), self.seed, epoch, self.shuffle_buffer)
-        return _Pass(samples, unit.parts, self.manifest.url(self.manifest.shards[unit.shard]))
+    def _new(self, work: Work) -> _Pass:
+        samples = unit_samples(self.manifest, Unit(work.unit.shard), self.seed, work.epoch, work.buffer)
+        return _Pass(samples, work.unit.parts, self.manifest.url(self.manifest.shards[work.unit.shard]))
 
     def open(self, work: Work, start: int, holders: Callable[[int, int], list]) -> Callable[[], tuple[int, dict]]:
-        key, unit = (work.epoch, work.unit.shard), work.unit
+        key, unit = (work.epoch, work.unit.shard, work.buffer), work.unit
         length = unit.length(self.manifest)
         shared = self.passes.get(key)
         if shared is None and unit.parts > 1:
-            shared = self.passes[key] = self._new(work.epoch, unit)
-            for other, first in holders(*key):
+            shared = self.passes[key] = self._new(work)
+            for other, first in holders(work.epoch, work.unit.shard):
                 shared.add(other.part, first, other.length(self.manifest))
         if shared is not None:
             if unit.part in shared.queues and (shared.first[unit.part], shared.left[unit.part]) != (start, length - start):
@@ -264,11 +286,11 @@ class ShardPasses:
                 shared.queues.pop(unit.part)
             if unit.part in shared.queues or shared.add(unit.part, start, length):
                 return lambda: self._take(key, shared, unit.part)
-        alone = self._new(work.epoch, unit)
+        alone = self._new(work)
         alone.add(unit.part, start, length)
         return lambda: alone.take(unit.part)
 
-    def _take(self, key: tuple[int, int], shared: _Pass, part: int) -> tuple[int, dict]:
+    def _take(self, key: tuple[int, int, int], shared: _Pass, part: int) -> tuple[int, dict]:
         item = shared.take(part)
         if shared.finished and self.passes.get(key) is shared:
             del self.passes[key]

@@ -217,8 +217,9 @@ class TrainStream(IterableDataset):
         check_layout(manifest.root, virtual_consumers, world, workers, batch_size * world)
         check_local_shards(manifest)
         self.offsets = np.cumsum([0] + [shard.num_samples for shard in manifest.shards]).tolist()  # shard -> its first sample's index
-        self.layout = Layout(virtual_consumers, make_units(len(manifest.shards), virtual_consumers), seed)
-        self.pass_buffer = pass_buffer(shuffle_buffer, virtual_consumers, self.layout.units[0].parts)
+        units = make_units(len(manifest.shards), virtual_consumers)
+        self.pass_buffer = pass_buffer(shuffle_buffer, virtual_consumers, units[0].parts)
+        self.layout = Layout(virtual_consumers, units, seed, buffer=self.pass_buffer)
         self.positions: dict[int, tuple[int, int, int]] = {}  # of this rank's virtual consumers
         self.counts: dict[int, tuple[int, int]] = {}  # virtual consumer -> (corrupt samples, samples read)
         self.carried = (0, 0)  # counts of the readers of an earlier order (rank 0 keeps them)
@@ -244,7 +245,7 @@ class TrainStream(IterableDataset):
             "counts": {int(c): list(n) for c, n in self.counts.items()},
             "carried": list(self.carried),
             "base_epoch": self.layout.base_epoch,
-            "residual": [[w.epoch, w.unit.shard, w.unit.part, w.unit.parts, w.start] for w in self.layout.residual],
+            "residual": [[w.epoch, w.unit.shard, w.unit.part, w.unit.parts, w.start, w.buffer] for w in self.layout.residual],
         }
 
     def load_state_dict(self, state: dict | list[dict]) -> None:
@@ -266,11 +267,15 @@ class TrainStream(IterableDataset):
                 f"cannot resume the stream of {self.manifest.root} on {self.world} ranks x {self.slots} workers: "
                 f"that needs the states of all {first['world']} ranks that saved it, {len(states)} given"
             )
-        residual = tuple(Work(e, Unit(s, p, n), start) for e, s, p, n, start in first.get("residual", []))
+        # before virtual consumers, every pass shuffled with the whole buffer
+        residual = tuple(Work(e, Unit(s, p, n), start, *(buffer or [self.shuffle_buffer]))
+                         for e, s, p, n, start, *buffer in first.get("residual", []))
         saved_virtual = first.get("virtual_consumers")  # None: saved before virtual consumers
         old_consumers = saved_virtual or first["world"] * first["workers"]
-        old = Layout(old_consumers, make_units(len(self.manifest.shards), old_consumers), self.seed,
-                     first.get("base_epoch", 0), residual, grouped=saved_virtual is not None)
+        grouped = saved_virtual is not None
+        units = make_units(len(self.manifest.shards), old_consumers, grouped)
+        buffer = pass_buffer(self.shuffle_buffer, old_consumers, units[0].parts) if grouped else self.shuffle_buffer
+        old = Layout(old_consumers, units, self.seed, first.get("base_epoch", 0), residual, grouped, buffer)
         positions = {int(c): tuple(p) for s in states for c, p in s["positions"].items()}
         counts = {int(c): tuple(n) for s in states for c, n in s.get("counts", {}).items()}
         self.batches = int(first["batches"])  # the same on every rank
@@ -314,10 +319,10 @@ class TrainStream(IterableDataset):
                 for work in old.plan(consumer, phase)[cursor:]:
                     start = max(work.start, offset)
                     if start < work.unit.length(self.manifest):
-                        left.append(Work(work.epoch, work.unit, start))
+                        left.append(Work(work.epoch, work.unit, start, work.buffer))
                     offset = 0
                 phase, cursor, offset = phase + 1, 0, 0
-        return Layout(self.virtual, make_units(len(self.manifest.shards), self.virtual), self.seed, last + 1, tuple(left))
+        return Layout(self.virtual, make_units(len(self.manifest.shards), self.virtual), self.seed, last + 1, tuple(left), buffer=self.pass_buffer)
 
     def observe(self, batch: dict) -> dict:
         """Record that the training loop consumed `batch` (prefetched batches do not count)."""
@@ -354,7 +359,7 @@ class TrainStream(IterableDataset):
         global_batch = self.batch_size * self.world
         counts = [self.counts.get(c, (0, 0)) for c in consumers]
         checker = SampleChecker(self.manifest, self.max_bad_fraction, sum(n[0] for n in counts), sum(n[1] for n in counts))
-        passes = ShardPasses(self.manifest, self.seed, self.pass_buffer)
+        passes = ShardPasses(self.manifest, self.seed)
         readers = [_Reader(self, c, passes, checker) for c in consumers]
 
         def holders(epoch: int, shard: int) -> list[tuple[Unit, int]]:

@@ -75,7 +75,7 @@ def test_a_data_epoch_reads_every_sample_exactly_once(digits_shards, split, virt
     seen = Counter()
     for consumer in range(virtual):
         for work in s.plan(consumer, epoch=0):
-            seen.update(raw["__key__"] for _, raw in unit_samples(manifest, work.unit, s.seed, 0, s.pass_buffer))
+            seen.update(raw["__key__"] for _, raw in unit_samples(manifest, work.unit, s.seed, 0, work.buffer))
     assert sum(seen.values()) == manifest.num_samples and max(seen.values()) == 1
 
 
@@ -237,7 +237,7 @@ def test_another_number_of_virtual_consumers_deals_what_was_left_and_says_so(dig
     first, states = run_ranks(manifest, 2, 0, 10, 25, virtual=64)
     resumed = stream(manifest, 0, 3, 0, batch=10, state=states, names=("plain",), virtual_consumers=12)
     assert "saved with 64 virtual consumers, this run has data.virtual_consumers=12" in resumed.notice
-    second, _ = run_ranks(manifest, 3, 0, 10, 80, states=states, virtual=12)
+    second, _ = run_ranks(manifest, 3, 0, 10, 120, states=states, virtual=12)
     assert_each_epoch_exactly_once(first + second, manifest, complete_epochs=2)
     legacy = [dict({k: v for k, v in state.items() if k != "virtual_consumers"}, world=2, workers=32) for state in states]
     assert "saved with 64 consumers (before virtual consumers)" in stream(manifest, 0, 1, 0, batch=30, state=legacy).notice
