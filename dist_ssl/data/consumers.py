@@ -4,10 +4,10 @@ A training stream is planned for a fixed number V of *virtual consumers* (`data.
 never for the processes and DataLoader workers a run happens to get:
 
 * A stream reads *units*: whole shards, or, with fewer shards than V, strided parts of shards (every
-  virtual consumer always has data). In data epoch `e` the shards are permuted by (seed, e), each
-  shard is expanded into its parts, and virtual consumer `v` takes every V-th unit from position v;
-  the parts of a shard thus go to neighbouring consumers, which one worker usually serves and reads
-  in one pass over the shard (`ShardPasses`).
+  virtual consumer always has data). In data epoch `e` the shards are permuted by (seed, e) and each
+  shard is expanded into its parts; the epochs' unit lists are dealt round-robin to the consumers as
+  one sequence. A shard's parts thus go to neighbouring consumers, which one worker usually serves
+  and reads in one pass over the shard (`ShardPasses`), with its share of the shuffle buffer.
 * Global batch `k` is cut from the virtual consumers in their order (`share`): V splits into
   g = gcd(V, B) blocks of V/g consumers; each block gives B/g samples per batch, dealt round-robin
   among its consumers, so every consumer reads at the same pace.

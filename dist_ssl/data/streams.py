@@ -127,6 +127,27 @@ def _carry_errors(batches: Iterator[dict]) -> Iterator[dict]:
 
 
 @dataclass(frozen=True)
+class Piece:
+    """A worker's piece of a batch, whose small tensors travel as numpy arrays inside the pickle: a
+    tensor crosses processes as a shared-memory file and a socket message (about 0.3 ms each,
+    measured), which for pieces of half a batch cost a tenth of the reading speed."""
+
+    fields: dict
+
+
+def _small_as_numpy(value, back: bool = False):
+    if back and isinstance(value, np.ndarray):
+        return torch.from_numpy(value)
+    if not back and isinstance(value, torch.Tensor) and value.numel() <= 1 << 16:
+        return value.numpy()
+    if isinstance(value, dict):
+        return {k: _small_as_numpy(v, back) for k, v in value.items()}
+    if isinstance(value, list) and value and not isinstance(value[0], str):
+        return [_small_as_numpy(v, back) for v in value]
+    return value
+
+
+@dataclass(frozen=True)
 class Positions:
     """(consumer, phase, cursor, offset, corrupt, read) of the virtual consumers a batch came from: one
     object, which DataLoader's conversion passes through instead of walking every number."""
@@ -380,11 +401,12 @@ class TrainStream(IterableDataset):
                 reader.take(share(reader.consumer, number, self.virtual, global_batch), pending, holders)
             piece = collate(pending, self.views, self.seed) if pending else {"keys": []}
             piece.update(batch=number, positions=Positions(tuple((r.consumer, r.phase, r.cursor, r.offset, r.bad, r.read) for r in readers)))
-            yield piece
+            yield Piece(_small_as_numpy(piece)) if self.pieces_per_batch > 1 else piece
             number += 1
 
-    def join(self, pieces: list[dict]) -> dict:
+    def join(self, pieces: list["Piece"]) -> dict:
         """One batch from its pieces, in worker order (the training process calls it)."""
+        pieces = [_small_as_numpy(piece.fields, back=True) for piece in pieces]
         if len({piece["batch"] for piece in pieces}) != 1:
             raise RuntimeError(f"the stream of {self.manifest.root} mixed the pieces of batches {[p['batch'] for p in pieces]}")
         full = [piece for piece in pieces if piece["keys"]]
@@ -533,7 +555,7 @@ class Batches:
         batches = iter(self.dataloader)
         pieces: list[dict] = []
         while (batch := next(batches, None)) is not None:
-            if "error" in batch:
+            if isinstance(batch, dict) and "error" in batch:
                 # The worker processes go now, not whenever the traceback that holds this frame is freed.
                 del batches
                 raise DataError(batch["error"])
