@@ -67,6 +67,9 @@ class DataConfig:
     shuffle_buffer: int = 2000  # samples; a shard smaller than this is fully permuted
     seed: int = 0  # drives shard order, shuffling and per-sample augmentation
     max_bad_fraction: float = 0.01  # corrupt samples are skipped; a reader fails past this fraction (0 = fail on the first)
+    # Readers the training streams are planned for, whatever the processes and workers (data/consumers.py):
+    # global batches are the same on any number of processes that divides gcd(virtual_consumers, batch).
+    virtual_consumers: int = 64
     # Shard URLs in the manifests that run a command (pipe:) or lie outside their split folder are
     # refused unless true: a dataset folder from someone else must not run anything.
     allow_pipe: bool = False
@@ -79,6 +82,7 @@ class DataConfig:
         check_config(self.workers >= 0, "data.workers", "must be >= 0")
         check_config(self.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
         check_config(0 <= self.max_bad_fraction < 1, "data.max_bad_fraction", "must be in [0, 1)")
+        check_config(self.virtual_consumers > 0, "data.virtual_consumers", "must be positive")
 
 
 @dataclass
@@ -190,6 +194,9 @@ class TrainConfig:
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     channels_last: bool = False  # NHWC networks and inputs: on in the CIFAR FixMatch configs (docs/speed.md)
     compile: bool = False  # torch.compile the networks (minutes of compilation before the first step)
+    # Batch norm statistics over the global batch (torch's SyncBatchNorm over the DDP group; GPUs only):
+    # with it, a network with batch norm trains the same on any number of GPUs.
+    sync_batchnorm: bool = False
     # CPU training: `retain` keeps freed memory in the heap instead of returning it to the kernel
     # every step: faster, at 1.2-1.3x the peak memory; `default` leaves glibc as the command started
     # it (with huge pages: engine/allocator.py).

@@ -115,8 +115,18 @@ class BatchedImageView:
             slots.append((op, negative))
         if slots:
             plan["slots"], plan["restore"] = self._group(slots)
+            plan["choices"] = torch.from_numpy(np.stack([np.stack([op, negative.astype(np.int64)], axis=1) for op, negative in slots], axis=1))
         if self.cutout_area > 0:
             plan["erase"] = torch.from_numpy(self._erase_boxes(words))
+        return plan
+
+    def merge(self, plans: list[dict[str, Any]]) -> dict[str, Any]:
+        """The plan of the batch that joins the batches of `plans` in order (a rank's pieces from its
+        workers): the samples' parameters joined, the RandAugment groups formed anew."""
+        plan = {name: torch.cat([p[name] for p in plans]) for name in ("crop", "erase", "choices") if name in plans[0]}
+        if "choices" in plan:
+            choices = plan["choices"].numpy()
+            plan["slots"], plan["restore"] = self._group([(choices[:, k, 0], choices[:, k, 1].astype(bool)) for k in range(choices.shape[1])])
         return plan
 
     def _group(self, slots: list[tuple[np.ndarray, np.ndarray]]) -> tuple[list[dict], torch.Tensor]:
@@ -256,6 +266,9 @@ class BatchedVectorView:
 
     def plan(self, params: list) -> dict[str, Any]:
         return {"noise": torch.stack(params)} if self.noise_scale is not None else {}
+
+    def merge(self, plans: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"noise": torch.cat([p["noise"] for p in plans])} if self.noise_scale is not None else {}
 
     def apply(self, inputs: torch.Tensor, plan: dict[str, Any]) -> torch.Tensor:
         if "noise" in plan:

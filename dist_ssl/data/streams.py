@@ -6,22 +6,25 @@ and on an RNG that is never saved, so a resumed run cannot continue where it sto
 with no shard silently yields nothing. We keep webdataset for what it is good at (opening local,
 http and `pipe:` URLs, expanding tars into samples, the shuffle buffer) and plan the order ourselves:
 
-* A stream reads *units*: whole shards, or, when there are fewer shards than consumers, strided
-  parts of shards (every consumer always gets data).
-* Consumers are (rank, worker) pairs; there are `world * max(workers, 1)` of them. In data epoch
-  `e`, the units are permuted by (seed, e) and consumer `c` takes every C-th one from position c.
+* A stream is planned for a fixed number of *virtual consumers* (`data/consumers.py`), never for
+  the ranks and workers of a run: the units (shards, or strided parts of shards) each virtual
+  consumer reads in every data epoch, and the samples it gives to each global batch. A rank serves
+  a contiguous range of them; each of its DataLoader workers a contiguous group of that range, and
+  yields its piece of every batch (`TrainStream.join` puts a rank's pieces together).
 * Within a shard, the sample order is a shuffle buffer seeded by (seed, e, shard) (a full
   permutation when the shard fits in the buffer). A sample's augmentation is seeded by
   (seed, e, shard, position), so it does not depend on workers, resumption or rank.
-* A consumer's position is therefore just (epoch, cursor in its unit list, samples read from the
-  current unit): three integers, saved with every checkpoint. Resuming re-opens one unit and skips
-  the samples already read before decoding them; nothing else is re-read.
+* A virtual consumer's position is therefore just (epoch, cursor in its unit list, samples read
+  from the current unit): three integers, saved with every checkpoint with the number of global
+  batches consumed. Resuming re-opens one unit per consumer and skips the samples already read
+  before decoding them; nothing else is re-read.
 
-Resuming with the same number of ranks and workers continues with exactly the samples the
-uninterrupted run would have seen. Resuming with another number (preemptible machines come back in
-other numbers) gathers what every old consumer had left of the epochs in progress, down to the
-sample, deals it to the new consumers first (the *residual*), then plans the next epochs for the new
-layout: within every epoch, no sample is skipped and none is repeated.
+Resuming on any number of ranks and workers that can share the virtual consumers continues with
+exactly the global batches the uninterrupted run would have seen: the consumers' positions move to
+the ranks that serve them now. A checkpoint of another number of virtual consumers (or from before
+them) is redistributed: what every old consumer had left of the epochs in progress, down to the
+sample, is dealt first (the *residual*), then the next epochs are planned anew: within every epoch,
+no sample is skipped and none is repeated, but the order differs from the uninterrupted run.
 
 Bad data: a sample that does not decode is skipped, counted and reported on stderr; the stream
 fails once more than `max_bad_fraction` of what a reader read was corrupt. A missing, truncated or
@@ -34,89 +37,38 @@ one-line error.
 from __future__ import annotations
 
 import functools
-import math
 import os
-import random
 import signal
 import sys
 import threading
 from dataclasses import dataclass
-from itertools import islice
 from typing import Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from dist_ssl.data.consumers import (  # noqa: F401  (Unit, unit_samples, mix: part of the streams' interface)
+    DEFAULT_VIRTUAL_CONSUMERS,
+    Layout,
+    ShardPasses,
+    Unit,
+    Work,
+    check_layout,
+    make_units,
+    mix,
+    pass_buffer,
+    served,
+    share,
+    unit_samples,
+)
 from dist_ssl.data.shards.codec import decode_sample
 from dist_ssl.data.shards.manifest import DataError, Manifest, check_local_shards
 from dist_ssl.data.shards.tar import raw_samples
 from dist_ssl.errors import UserError
 
-_MASK = (1 << 64) - 1
 DEFAULT_MAX_BAD_FRACTION = 0.01
 _REPORTED_PER_READER = 20  # corrupt samples printed by one reader; the rest are only counted
-
-
-def mix(*values: int) -> int:
-    """A 63-bit hash of integers (splitmix64 steps): seeds that differ for every (seed, epoch, ...).
-
-    Why not numpy's SeedSequence: it runs once per view of every sample, and SeedSequence costs
-    26 us a call against 5 us here (measured); splitmix64 is the standard 64-bit seed mixer."""
-    state = 0x9E3779B97F4A7C15
-    for value in values:
-        state = (state + (value & _MASK) + 0x9E3779B97F4A7C15) & _MASK
-        z = state
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
-        state = z ^ (z >> 31)
-    return state >> 1
-
-
-@dataclass(frozen=True)
-class Unit:
-    shard: int
-    part: int = 0
-    parts: int = 1
-
-    def length(self, manifest: Manifest) -> int:
-        return len(range(self.part, manifest.shards[self.shard].num_samples, self.parts))
-
-
-def make_units(num_shards: int, consumers: int) -> list[Unit]:
-    parts = 1 if num_shards >= consumers else math.ceil(consumers / num_shards)
-    return [Unit(s, j, parts) for s in range(num_shards) for j in range(parts)]
-
-
-@dataclass(frozen=True)
-class Work:
-    """Read `unit` as it is ordered in data epoch `epoch`, from its `start`-th sample on."""
-
-    epoch: int
-    unit: Unit
-    start: int = 0
-
-
-def unit_samples(manifest: Manifest, unit: Unit, seed: int, epoch: int, shuffle_buffer: int) -> Iterator[tuple[int, dict]]:
-    """(position in the shard's shuffled order, raw sample) for the samples of `unit` in `epoch`."""
-    import webdataset as wds
-
-    shard = manifest.shards[unit.shard]
-    samples = _numbered(raw_samples(manifest.url(shard), shard))
-    rng = random.Random(mix(seed, epoch, unit.shard))
-    shuffled = wds.shuffle(shuffle_buffer, initial=shuffle_buffer, rng=rng)(samples)
-    for position, raw in enumerate(shuffled):
-        if position % unit.parts == unit.part:
-            yield position, raw
-
-
-def _numbered(samples: Iterator[dict]) -> Iterator[dict]:
-    """Each raw sample with `__index__`, its place in the shard's file, taken before shuffling: with
-    the shard's offset in the manifest, the sample's index in its split, the same in every epoch,
-    layout and rank (FlexMatch keeps per-sample state by it)."""
-    for index, raw in enumerate(samples):
-        raw["__index__"] = index
-        yield raw
 
 
 class SampleChecker:
@@ -175,30 +127,89 @@ def _carry_errors(batches: Iterator[dict]) -> Iterator[dict]:
         yield {"error": str(exc)}
 
 
-@dataclass
-class Layout:
-    """Who reads what: `consumers` readers, the units of the regular epochs (from `base_epoch` on) and
-    the residual work left by an earlier layout, read first (as phase `base_epoch - 1`)."""
+@dataclass(frozen=True)
+class Piece:
+    """A worker's piece of a batch, whose small tensors travel as numpy arrays inside the pickle: a
+    tensor crosses processes as a shared-memory file and a socket message (about 0.3 ms each,
+    measured), which for pieces of half a batch cost a tenth of the reading speed."""
 
-    consumers: int
-    units: list[Unit]
-    seed: int
-    base_epoch: int = 0
-    residual: tuple[Work, ...] = ()
+    fields: dict
 
-    def plan(self, consumer: int, phase: int) -> list[Work]:
-        if phase < self.base_epoch:
-            return list(self.residual[consumer :: self.consumers]) if phase == self.base_epoch - 1 else []
-        order = np.random.default_rng([self.seed, phase]).permutation(len(self.units))
-        return [Work(phase, self.units[i]) for i in order[consumer :: self.consumers]]
 
-    def start(self) -> tuple[int, int, int]:
-        """Where a consumer that has not read anything yet begins."""
-        return (self.base_epoch - 1, 0, 0) if self.residual else (self.base_epoch, 0, 0)
+def _small_as_numpy(value, back: bool = False):
+    if back and isinstance(value, np.ndarray):
+        return torch.from_numpy(value)
+    if not back and isinstance(value, torch.Tensor) and value.numel() <= 1 << 16:
+        return value.numpy()
+    if isinstance(value, dict):
+        return {k: _small_as_numpy(v, back) for k, v in value.items()}
+    if isinstance(value, list) and value and not isinstance(value[0], str):
+        return [_small_as_numpy(v, back) for v in value]
+    return value
+
+
+@dataclass(frozen=True)
+class Positions:
+    """(consumer, phase, cursor, offset, corrupt, read) of the virtual consumers a batch came from: one
+    object, which DataLoader's conversion passes through instead of walking every number."""
+
+    entries: tuple
+
+
+class _Reader:
+    """One virtual consumer inside a worker: its position (phase, unit cursor, samples read from the
+    unit) and counts (corrupt, read), and the samples it gives to each batch."""
+
+    def __init__(self, stream: "TrainStream", consumer: int, passes: ShardPasses, checker: "SampleChecker"):
+        self.stream, self.consumer, self.passes, self.checker = stream, consumer, passes, checker
+        self.phase, self.cursor, self.offset = stream.positions.get(consumer, stream.layout.start())
+        self.bad, self.read = stream.counts.get(consumer, (0, 0))
+        self.next_sample = None  # the open unit's reader
+        self.plan: list[Work] | None = None  # of the current phase
+
+    def about_to_read(self, epoch: int, cursor: int) -> int | None:
+        """The first sample this consumer will read of its unit at (epoch, cursor), when that unit is
+        the one it opens next or the one after (a shared pass keeps the unit's samples until then)."""
+        if self.phase == epoch and cursor == self.cursor and self.next_sample is None:
+            return self.offset
+        if (self.phase == epoch and cursor == self.cursor + 1) or (self.phase == epoch - 1 and cursor == 0):
+            return 0
+        return None
+
+    def take(self, count: int, pending: list, holders) -> None:
+        manifest = self.stream.manifest
+        while count > 0:
+            if self.plan is None:
+                self.plan = self.stream.layout.plan(self.consumer, self.phase)
+            plan = self.plan
+            if self.cursor >= len(plan):
+                self.phase, self.cursor, self.offset, self.plan = self.phase + 1, 0, 0, None
+                continue
+            work = plan[self.cursor]
+            if self.next_sample is None:
+                length = work.unit.length(manifest)
+                self.offset = max(self.offset, work.start)
+                if self.offset >= length:  # an empty unit (or part) is skipped without opening its shard
+                    self.cursor, self.offset = self.cursor + 1, 0
+                    continue
+                self.next_sample = self.passes.open(work, self.offset, holders)
+                self.length, self.url = length, manifest.url(manifest.shards[work.unit.shard])
+            position, raw = self.next_sample()
+            self.offset += 1
+            if self.offset >= self.length:
+                self.next_sample, self.cursor, self.offset = None, self.cursor + 1, 0
+            bad = self.checker.bad
+            sample = self.checker(raw, self.url)
+            self.bad, self.read = self.bad + self.checker.bad - bad, self.read + 1
+            if sample is not None:
+                sample["index"] = self.stream.offsets[work.unit.shard] + raw["__index__"]
+                pending.append((work.epoch, work.unit.shard, position, sample))
+                count -= 1
 
 
 class TrainStream(IterableDataset):
-    """An infinite stream of batches for one rank; each batch carries its consumer's position."""
+    """An infinite stream of one rank's shares of the global batches (`data/consumers.py`); each batch
+    carries its number and the positions of the virtual consumers it came from."""
 
     def __init__(
         self,
@@ -212,34 +223,42 @@ class TrainStream(IterableDataset):
         shuffle_buffer: int,
         state: dict | list[dict] | None = None,
         max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
+        virtual_consumers: int = DEFAULT_VIRTUAL_CONSUMERS,
     ):
         self.manifest = manifest
-        self.batch_size = batch_size
+        self.batch_size = batch_size  # this rank's share
         self.views = views
         self.rank, self.world, self.workers = rank, world, workers
         self.seed = seed
         self.shuffle_buffer = shuffle_buffer
         self.max_bad_fraction = max_bad_fraction
         self.slots = max(workers, 1)
-        self.consumers = world * self.slots
-        if manifest.num_samples < self.consumers:
-            raise UserError(
-                f"split {manifest.root} has {manifest.num_samples} samples, fewer than the "
-                f"{world} ranks x {self.slots} workers that read it"
-            )
+        self.virtual = virtual_consumers
+        if manifest.num_samples == 0:
+            raise UserError(f"split {manifest.root} has no samples to train on")
+        check_layout(manifest.root, virtual_consumers, world, workers, batch_size * world)
         check_local_shards(manifest)
         self.offsets = np.cumsum([0] + [shard.num_samples for shard in manifest.shards]).tolist()  # shard -> its first sample's index
-        self.layout = Layout(self.consumers, make_units(len(manifest.shards), self.consumers), seed)
-        self.positions: dict[int, tuple[int, int, int]] = {}
-        self.counts: dict[int, tuple[int, int]] = {}  # consumer -> (corrupt samples, samples read)
-        self.carried = (0, 0)  # counts of the readers of an earlier layout (rank 0 keeps them)
-        self.batches = 0  # batches this rank has consumed since the layout was set
+        units = make_units(len(manifest.shards), virtual_consumers)
+        self.pass_buffer = pass_buffer(shuffle_buffer, virtual_consumers, units[0].parts)
+        self.layout = Layout(virtual_consumers, units, seed, buffer=self.pass_buffer)
+        self.positions: dict[int, tuple[int, int, int]] = {}  # of this rank's virtual consumers
+        self.counts: dict[int, tuple[int, int]] = {}  # virtual consumer -> (corrupt samples, samples read)
+        self.carried = (0, 0)  # counts of the readers of an earlier order (rank 0 keeps them)
+        self.batches = 0  # global batches consumed: the number of the next one
+        self.notice: str | None = None  # what a resume changed, for the run's log
         if state:
             self.load_state_dict(state)
+
+    @property
+    def pieces_per_batch(self) -> int:
+        """DataLoader items that make one batch: every worker gives its piece of every batch."""
+        return self.slots if self.workers > 0 else 1
 
     # -- state -----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {
+            "virtual_consumers": self.virtual,
             "world": self.world,
             "workers": self.slots,
             "rank": self.rank,
@@ -248,14 +267,14 @@ class TrainStream(IterableDataset):
             "counts": {int(c): list(n) for c, n in self.counts.items()},
             "carried": list(self.carried),
             "base_epoch": self.layout.base_epoch,
-            "residual": [[w.epoch, w.unit.shard, w.unit.part, w.unit.parts, w.start] for w in self.layout.residual],
+            "residual": [[w.epoch, w.unit.shard, w.unit.part, w.unit.parts, w.start, w.buffer] for w in self.layout.residual],
         }
 
     def load_state_dict(self, state: dict | list[dict]) -> None:
         """The rank's own state (same layout), or the states of every rank of the run that saved them
-        (any layout: with another one, the epochs in progress are redistributed)."""
+        (any layout: the virtual consumers' positions move to the ranks that serve them now)."""
         if isinstance(state, dict):
-            if state["world"] != self.world or state["workers"] != self.slots:
+            if state["world"] != self.world or state["workers"] != self.slots or state.get("virtual_consumers") != self.virtual:
                 raise UserError(
                     f"cannot resume the stream of {self.manifest.root} from one rank's state: it was read by "
                     f"{state['world']} ranks x {state['workers']} workers, this run has {self.world} x {self.slots}"
@@ -264,36 +283,52 @@ class TrainStream(IterableDataset):
         else:
             states = sorted(state, key=lambda s: s.get("rank", 0))
         first = states[0]
-        residual = tuple(Work(e, Unit(s, p, n), start) for e, s, p, n, start in first.get("residual", []))
-        old_consumers = first["world"] * first["workers"]
-        old = Layout(old_consumers, make_units(len(self.manifest.shards), old_consumers), self.seed, first.get("base_epoch", 0), residual)
-        positions = {int(c): tuple(p) for s in states for c, p in s["positions"].items()}
-        counts = {int(c): tuple(n) for s in states for c, n in s.get("counts", {}).items()}
-        if first["world"] == self.world and first["workers"] == self.slots:
-            mine = next((s for s in states if s.get("rank", self.rank) == self.rank), None)
-            if mine is None or len(states) not in (1, self.world):
-                raise UserError(f"cannot resume the stream of {self.manifest.root}: the saved states do not cover rank {self.rank}")
-            self.layout = old
-            self.batches = int(mine["batches"])
-            self.positions = {c: p for c, p in positions.items() if c // self.slots == self.rank}
-            self.counts = {c: n for c, n in counts.items() if c // self.slots == self.rank}
-            self.carried = tuple(mine.get("carried", (0, 0)))
-            return
-        if len(states) != first["world"]:
+        same_layout = first["world"] == self.world and first["workers"] == self.slots
+        if len(states) != first["world"] and not (same_layout and len(states) == 1 and first.get("rank", self.rank) == self.rank):
             raise UserError(
                 f"cannot resume the stream of {self.manifest.root} on {self.world} ranks x {self.slots} workers: "
                 f"that needs the states of all {first['world']} ranks that saved it, {len(states)} given"
             )
+        # before virtual consumers, every pass shuffled with the whole buffer
+        residual = tuple(Work(e, Unit(s, p, n), start, *(buffer or [self.shuffle_buffer]))
+                         for e, s, p, n, start, *buffer in first.get("residual", []))
+        saved_virtual = first.get("virtual_consumers")  # None: saved before virtual consumers
+        old_consumers = saved_virtual or first["world"] * first["workers"]
+        grouped = saved_virtual is not None
+        units = make_units(len(self.manifest.shards), old_consumers, grouped)
+        buffer = pass_buffer(self.shuffle_buffer, old_consumers, units[0].parts) if grouped else self.shuffle_buffer
+        old = Layout(old_consumers, units, self.seed, first.get("base_epoch", 0), residual, grouped, buffer)
+        positions = {int(c): tuple(p) for s in states for c, p in s["positions"].items()}
+        counts = {int(c): tuple(n) for s in states for c, n in s.get("counts", {}).items()}
+        self.batches = int(first["batches"])  # the same on every rank
+        if same_layout and len(states) == 1:
+            self.carried = tuple(first.get("carried", (0, 0)))
+        elif self.rank == 0:  # the old readers' counts, reported once
+            self.carried = tuple(int(sum(s.get("carried", (0, 0))[i] for s in states)) for i in range(2))
+        else:
+            self.carried = (0, 0)
+        if saved_virtual == self.virtual:
+            mine = served(self.virtual, self.rank, self.world)
+            self.layout = old
+            self.positions = {c: p for c, p in positions.items() if c in mine}
+            self.counts = {c: n for c, n in counts.items() if c in mine}
+            return
         self.layout = self._redistribute(old, positions)
-        self.positions, self.counts, self.batches = {}, {}, 0
-        if self.rank == 0:  # the old readers' counts, reported once
-            totals = np.array([s.get("carried", (0, 0)) for s in states] + list(counts.values())).sum(axis=0)
-            self.carried = (int(totals[0]), int(totals[1]))
+        self.positions, self.counts = {}, {}
+        if self.rank == 0:
+            self.carried = tuple(int(a + sum(n[i] for n in counts.values())) for i, a in enumerate(self.carried))
+        self.notice = (
+            f"the stream of {self.manifest.root} was saved with {old_consumers} "
+            f"{'virtual consumers' if saved_virtual else 'consumers (before virtual consumers)'}, this run has "
+            f"data.virtual_consumers={self.virtual}: what every saved consumer had left of its epochs is read first, "
+            f"and the order of samples differs from the uninterrupted run from this step on"
+        )
 
     def restore(self, own: dict | None, every_rank) -> None:
-        """From a checkpoint: this rank's own saved position when the layout (ranks x workers) is
-        unchanged, else what every saved rank had left (`every_rank()` gives their states), redistributed."""
-        same_layout = own is not None and own["world"] == self.world and own["workers"] == self.slots
+        """From a checkpoint: this rank's own saved state when the layout (ranks x workers) is
+        unchanged, else every saved rank's (`every_rank()` gives them)."""
+        same_layout = (own is not None and own["world"] == self.world and own["workers"] == self.slots
+                       and own.get("virtual_consumers") == self.virtual)
         self.load_state_dict(own if same_layout else every_rank())
 
     def _redistribute(self, old: Layout, positions: dict[int, tuple[int, int, int]]) -> Layout:
@@ -306,16 +341,18 @@ class TrainStream(IterableDataset):
                 for work in old.plan(consumer, phase)[cursor:]:
                     start = max(work.start, offset)
                     if start < work.unit.length(self.manifest):
-                        left.append(Work(work.epoch, work.unit, start))
+                        left.append(Work(work.epoch, work.unit, start, work.buffer))
                     offset = 0
                 phase, cursor, offset = phase + 1, 0, 0
-        return Layout(self.consumers, make_units(len(self.manifest.shards), self.consumers), self.seed, last + 1, tuple(left))
+        return Layout(self.virtual, make_units(len(self.manifest.shards), self.virtual), self.seed, last + 1, tuple(left), buffer=self.pass_buffer)
 
     def observe(self, batch: dict) -> dict:
         """Record that the training loop consumed `batch` (prefetched batches do not count)."""
-        consumer, *position = batch.pop("position")
-        self.positions[int(consumer)] = tuple(int(v) for v in position)
-        self.counts[int(consumer)] = tuple(int(v) for v in batch.pop("counts"))
+        number = batch.pop("batch")
+        if number != self.batches:
+            raise RuntimeError(f"the stream of {self.manifest.root} delivered batch {number} where batch {self.batches} was due")
+        for consumer, phase, cursor, offset, bad, read in batch.pop("positions").entries:
+            self.positions[consumer], self.counts[consumer] = (phase, cursor, offset), (bad, read)
         self.batches += 1
         return batch
 
@@ -329,51 +366,61 @@ class TrainStream(IterableDataset):
         return self.carried[1] + sum(read for _, read in self.counts.values())
 
     # -- iteration -------------------------------------------------------------------------------
-    def _consumer(self) -> int:
-        info = get_worker_info()
-        worker = info.id if info is not None else 0
-        # DataLoader hands out batches from workers round-robin. After a resume its first batch comes
-        # from worker 0, so worker 0 plays the consumer whose turn it was.
-        return self.rank * self.slots + (worker + self.batches) % self.slots
-
     def plan(self, consumer: int, epoch: int) -> list[Work]:
         return self.layout.plan(consumer, epoch)
 
     def __iter__(self) -> Iterator[dict]:
-        return _carry_errors(self._batches())
+        return _carry_errors(self._pieces())
 
-    def _batches(self) -> Iterator[dict]:
-        consumer = self._consumer()
-        phase, cursor, offset = self.positions.get(consumer, self.layout.start())
-        checker = SampleChecker(self.manifest, self.max_bad_fraction, *self.counts.get(consumer, (0, 0)))
-        pending: list[tuple[int, int, int, dict]] = []
+    def _pieces(self) -> Iterator[dict]:
+        """This worker's piece of every batch from the stream's position on: the samples its virtual
+        consumers give to the batch, in consumer order."""
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        consumers = served(self.virtual, self.rank, self.world, worker, self.pieces_per_batch)
+        global_batch = self.batch_size * self.world
+        counts = [self.counts.get(c, (0, 0)) for c in consumers]
+        checker = SampleChecker(self.manifest, self.max_bad_fraction, sum(n[0] for n in counts), sum(n[1] for n in counts))
+        passes = ShardPasses(self.manifest, self.seed)
+        readers = [_Reader(self, c, passes, checker) for c in consumers]
+
+        def holders(epoch: int, shard: int) -> list[tuple[Unit, int]]:
+            if epoch < self.layout.base_epoch:  # residual work of an earlier layout: each part is read alone
+                return []
+            found = []
+            for consumer, cursor, unit in self.layout.holders(epoch, shard):
+                if consumer in consumers:
+                    first = readers[consumer - consumers.start].about_to_read(epoch, cursor)
+                    if first is not None:
+                        found.append((unit, first))
+            return found
+
+        number = self.batches
         while True:
-            plan = self.plan(consumer, phase)
-            while cursor < len(plan):
-                work = plan[cursor]
-                offset = max(offset, work.start)
-                length = work.unit.length(self.manifest)
-                url = self.manifest.url(self.manifest.shards[work.unit.shard])
-                samples = unit_samples(self.manifest, work.unit, self.seed, work.epoch, self.shuffle_buffer)
-                for position, raw in islice(samples, offset, None):
-                    offset += 1
-                    sample = checker(raw, url)
-                    if sample is not None:
-                        sample["index"] = self.offsets[work.unit.shard] + raw["__index__"]
-                        pending.append((work.epoch, work.unit.shard, position, sample))
-                    if len(pending) == self.batch_size:
-                        after = (phase, cursor, offset) if offset < length else _next(phase, cursor + 1, plan)
-                        yield self._collate(pending, (consumer, *after), (checker.bad, checker.read))
-                        pending = []
-                cursor, offset = cursor + 1, 0
-            phase, cursor = phase + 1, 0
+            pending: list[tuple[int, int, int, dict]] = []
+            for reader in readers:
+                reader.take(share(reader.consumer, number, self.virtual, global_batch), pending, holders)
+            piece = collate(pending, self.views, self.seed) if pending else {"keys": []}
+            piece.update(batch=number, positions=Positions(tuple((r.consumer, r.phase, r.cursor, r.offset, r.bad, r.read) for r in readers)))
+            yield Piece(_small_as_numpy(piece)) if self.pieces_per_batch > 1 else piece
+            number += 1
 
-    def _collate(self, pending: list, position: tuple, counts: tuple) -> dict:
-        return collate(pending, self.views, self.seed) | {"position": position, "counts": counts}
-
-
-def _next(phase: int, cursor: int, plan: list) -> tuple[int, int, int]:
-    return (phase + 1, 0, 0) if cursor >= len(plan) else (phase, cursor, 0)
+    def join(self, pieces: list["Piece"]) -> dict:
+        """One batch from its pieces, in worker order (the training process calls it)."""
+        pieces = [_small_as_numpy(piece.fields, back=True) for piece in pieces]
+        if len({piece["batch"] for piece in pieces}) != 1:
+            raise RuntimeError(f"the stream of {self.manifest.root} mixed the pieces of batches {[p['batch'] for p in pieces]}")
+        full = [piece for piece in pieces if piece["keys"]]
+        batch = {"batch": pieces[0]["batch"], "keys": [key for piece in full for key in piece["keys"]]}
+        batch["positions"] = Positions(tuple(entry for piece in pieces for entry in piece["positions"].entries))
+        for name in ("label", "truth", "epoch", "index", "decoded", "soft"):
+            if name in full[0]:
+                batch[name] = torch.cat([piece[name] for piece in full])
+        if "inputs" in full[0]:
+            batch["inputs"] = {name: torch.cat([piece["inputs"][name] for piece in full]) for name in full[0]["inputs"]}
+        if "plans" in full[0]:
+            batch["plans"] = {name: self.views[name].merge([piece["plans"][name] for piece in full]) for name in full[0]["plans"]}
+        return batch
 
 
 def collate(pending: list[tuple[int, int, int, dict]], views: dict, seed: int) -> dict:
@@ -498,19 +545,40 @@ def _obey_only_the_loader(loader_pid: int, worker_id: int) -> None:
 
 class Batches:
     """A DataLoader's batches, with a DataError found in a worker raised here as the same one-line
-    error (DataLoader itself would re-raise it wrapped in a multi-line traceback text)."""
+    error (DataLoader itself would re-raise it wrapped in a multi-line traceback text). A training
+    stream's batch comes in one piece per worker (`TrainStream.join`), in worker order: DataLoader
+    takes the workers' items round-robin, starting from worker 0 in every new iterator."""
 
-    def __init__(self, dataloader: DataLoader):
-        self.dataloader = dataloader
+    def __init__(self, dataloader: DataLoader, pieces: int = 1, join=None, pin: bool = False):
+        self.dataloader, self.pieces, self.join, self.pin = dataloader, pieces, join, pin
 
     def __iter__(self) -> Iterator[dict]:
         batches = iter(self.dataloader)
+        pieces: list[dict] = []
         while (batch := next(batches, None)) is not None:
-            if "error" in batch:
+            if isinstance(batch, dict) and "error" in batch:
                 # The worker processes go now, not whenever the traceback that holds this frame is freed.
                 del batches
                 raise DataError(batch["error"])
-            yield batch
+            if self.pieces == 1:
+                yield batch
+                continue
+            pieces.append(batch)
+            if len(pieces) == self.pieces:
+                joined = self.join(pieces)
+                pieces = []
+                yield _pinned(joined) if self.pin else joined
+
+
+def _pinned(value):
+    """A joined batch in pinned memory (its pieces were not pinned: the copy to the GPU stays asynchronous)."""
+    if isinstance(value, torch.Tensor):
+        return value.pin_memory()
+    if isinstance(value, dict):
+        return {k: _pinned(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_pinned(v) for v in value]
+    return value
 
 
 def worker_context():
@@ -536,12 +604,14 @@ def worker_context():
 def loader(stream: IterableDataset, workers: int) -> Batches:
     """Batches are made inside the stream; the DataLoader only adds worker processes (one iterator
     per loader: an infinite training stream, or one pass of evaluation, so workers never persist)."""
+    pieces = getattr(stream, "pieces_per_batch", 1) if workers > 0 else 1
+    pin = torch.cuda.is_available()
     return Batches(DataLoader(
         stream,
         batch_size=None,
         num_workers=workers,
         prefetch_factor=4 if workers > 0 else None,
-        pin_memory=torch.cuda.is_available(),
+        pin_memory=pin and pieces == 1,
         multiprocessing_context=worker_context() if workers > 0 else None,
         worker_init_fn=functools.partial(_obey_only_the_loader, os.getpid()) if workers > 0 else None,
         # Its workers' base seed comes from a generator of its own: drawn from the global one when the
@@ -549,4 +619,4 @@ def loader(stream: IterableDataset, workers: int) -> Batches:
         # sampled pseudo-labels) of a resumed run against the uninterrupted one. Samples are seeded
         # by position anyway (collate).
         generator=torch.Generator(),
-    ))
+    ), pieces, getattr(stream, "join", None), pin and pieces > 1)

@@ -169,6 +169,11 @@ class Trainer:
         self.data = data = load_run_data(cfg, method_cls)
         self.accelerator = accelerator = make_accelerator(cfg.train.mixed_precision)
         self.rank, self.world, self.device = accelerator.process_index, accelerator.num_processes, accelerator.device
+        if cfg.train.sync_batchnorm and self.device.type != "cuda":
+            raise UserError(
+                f"train.sync_batchnorm needs GPUs: torch's SyncBatchNorm reduces over NCCL and has no {self.device.type} "
+                "implementation (on CPUs, batch norm statistics stay per process)"
+            )
         self.retains_memory = self.device.type == "cpu" and cfg.train.cpu_allocator == "retain" and keep_freed_memory()
         self.run_dir = Path(cfg.train.output_dir)
         self.identity = {
@@ -239,7 +244,7 @@ class Trainer:
         self.train_views = train_views
         self.streams = {
             name: TrainStream(manifest, batch, {v: train_views[v] for v in view_names}, self.rank, self.world, cfg.data.workers,
-                              mix(cfg.data.seed, salt), cfg.data.shuffle_buffer, None, cfg.data.max_bad_fraction)
+                              mix(cfg.data.seed, salt), cfg.data.shuffle_buffer, None, cfg.data.max_bad_fraction, cfg.data.virtual_consumers)
             for name, (manifest, batch, view_names, salt) in needed.items()
         }
 
@@ -249,6 +254,9 @@ class Trainer:
         changes = checkpoint.config_changes(self.resume_from, to_dict(self.cfg))
         if changes:
             self.logger.line(f"resuming with a changed config (the run will differ from the uninterrupted one): {'; '.join(changes)}")
+        for stream in self.streams.values():
+            if stream.notice:
+                self.logger.line(f"warning: {stream.notice}")
 
     def _prepare(self) -> None:
         """Hand the networks and optimizers to accelerate (DDP, mixed precision) and lay the
@@ -259,6 +267,8 @@ class Trainer:
         if memory_format is not None:
             for net in self.nets.values():
                 net.to(memory_format=memory_format)
+        if self.cfg.train.sync_batchnorm:  # the same parameter objects: the optimizers built on them stay valid
+            self.nets = {role: torch.nn.SyncBatchNorm.convert_sync_batchnorm(net) for role, net in self.nets.items()}
         prepare_training(accelerator, self.nets, self.optimizers, self.specs, self.cfg.data.batch_size // self.world)
         for role in self.nets:
             self.raw[role] = accelerator.unwrap_model(self.nets[role])  # once: unwrapping probes for DeepSpeed
