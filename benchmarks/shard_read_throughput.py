@@ -38,7 +38,8 @@ from dist_ssl.data.shards.manifest import load_manifest
 from dist_ssl.data.shards.tar import raw_samples
 from dist_ssl.data.shards.writer import write_split  # noqa: E402
 from dist_ssl.data.sources import load_source  # noqa: E402
-from dist_ssl.data.streams import EvalStream, TrainStream, loader  # noqa: E402
+from dist_ssl.data.loading import loader  # noqa: E402
+from dist_ssl.data.streams import EvalStream, TrainStream  # noqa: E402
 from dist_ssl.data.transforms import build_views  # noqa: E402
 
 BATCH = 256

@@ -10,7 +10,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from dist_ssl.data.shards.manifest import Manifest
-from dist_ssl.data.streams import DEFAULT_MAX_BAD_FRACTION, EvalStream, loader
+from dist_ssl.data.loading import loader
+from dist_ssl.data.streams import DEFAULT_MAX_BAD_FRACTION, EvalStream
 from dist_ssl.data.transforms import View
 from dist_ssl.errors import UserError
 

@@ -25,7 +25,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from dist_ssl.config import Config, role_model, save_config, to_dict
 from dist_ssl.data import device_views
 from dist_ssl.data.shards.manifest import Manifest, load_manifest
-from dist_ssl.data.streams import TrainStream, loader, mix
+from dist_ssl.data.loading import loader
+from dist_ssl.data.streams import TrainStream, mix
 from dist_ssl.data.transforms import build_views
 from dist_ssl.engine import checkpoint, preemption
 from dist_ssl.engine.accelerator import launch_facts, make_accelerator, prepare_training

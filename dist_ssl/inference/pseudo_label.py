@@ -48,7 +48,8 @@ from dist_ssl.data.shards.manifest import (
     sha256_file,
 )
 from dist_ssl.data.shards.tar import raw_samples
-from dist_ssl.data.streams import SampleChecker, loader
+from dist_ssl.data.loading import loader
+from dist_ssl.data.streams import SampleChecker
 from dist_ssl.engine import preemption
 from dist_ssl.engine.lock import run_lock
 from dist_ssl.engine.logging import Progress

@@ -18,7 +18,8 @@ from dist_ssl.data.device_views import (
     on_device,
 )
 from dist_ssl.data.shards.manifest import load_manifest
-from dist_ssl.data.streams import TrainStream, loader, mix
+from dist_ssl.data.loading import loader
+from dist_ssl.data.streams import TrainStream, mix
 from dist_ssl.data.transforms import build_views, normalization
 
 CIFAR = AugmentConfig(flip=True)  # pad 4 at 32 px, RandAugment 2 ops at magnitude 10, cutout 0.5

@@ -16,7 +16,8 @@ import torch
 
 from dist_ssl.config import AugmentConfig
 from dist_ssl.data.shards.manifest import DataError, load_manifest
-from dist_ssl.data.streams import EvalStream, TrainStream, loader, share, unit_samples
+from dist_ssl.data.loading import loader
+from dist_ssl.data.streams import EvalStream, TrainStream, share, unit_samples
 from dist_ssl.data.transforms import build_views
 from dist_ssl.errors import UserError
 from tests.conftest import REPO
@@ -288,7 +289,8 @@ def test_eval_stream_is_exactly_once(digits_shards, split, world, workers):
 STREAM_SCRIPT = """
 import json, os, sys
 from dist_ssl.data.shards.manifest import load_manifest
-from dist_ssl.data.streams import TrainStream, loader
+from dist_ssl.data.loading import loader
+from dist_ssl.data.streams import TrainStream
 from tests.data.test_streams import views_for
 
 split, state_path, log_path, total = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])

@@ -268,7 +268,8 @@ def test_dataloader_workers_outlive_a_signal_sent_to_every_process(digits_shards
     """SLURM and torchrun signal the workers too; the training process must still get its batches."""
     from dist_ssl.config import AugmentConfig
     from dist_ssl.data.shards.manifest import load_manifest
-    from dist_ssl.data.streams import TrainStream, loader
+    from dist_ssl.data.loading import loader
+    from dist_ssl.data.streams import TrainStream
     from dist_ssl.data.transforms import build_views
 
     manifest = load_manifest(digits_shards / "labeled")
