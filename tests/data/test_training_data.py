@@ -49,7 +49,9 @@ def test_uneven_shards_on_two_processes_do_not_hang_and_resume_on_one_process(un
     assert second.returncode == 0, second.stdout + second.stderr
     assert f"resumed from {run / 'checkpoints' / 'step-8'} at step 8 (saved by 2 processes, continuing on 1)" in second.stdout
     final = checkpoint.load_file(checkpoint.latest(run / "checkpoints") / "rank-00000.pt")["streams"]["unlabeled"]
-    assert final["world"] == 1 and final["workers"] == 1 and final["base_epoch"] >= 1  # the old readers' epochs went first
+    # the same virtual consumers continued on the new layout: nothing was re-dealt
+    assert (final["world"], final["workers"], final["virtual_consumers"], final["base_epoch"]) == (1, 1, 64, 0)
+    assert sorted(final["positions"]) == list(range(64))
     assert json.loads((run / "results.json").read_text())["steps"] == 12
 
 
@@ -59,7 +61,9 @@ def test_corrupt_samples_are_skipped_and_reach_results_and_tensorboard(digits_sh
     shards = shutil.copytree(digits_shards, tmp_path / "digits")
     for index in range(13):  # one corrupt image per unlabeled shard
         rewrite_shard(shards / "unlabeled", index, lambda samples: [corrupt_png(s) if i == 3 else s for i, s in enumerate(samples)])
-    result = run_cli(*train_args(shards, tmp_path / "run", "train.epochs=2", "data.workers=1", "data.max_bad_fraction=0.05"))
+    # 13 corrupt samples in 1,207 (1%); a worker reads 8 shards at a time, so 2 of the first 34 samples
+    # it reads can be corrupt (more than 5%): the fraction allowed is 10%
+    result = run_cli(*train_args(shards, tmp_path / "run", "train.epochs=2", "data.workers=1", "data.max_bad_fraction=0.1"))
     assert result.returncode == 0, result.stderr
     assert "dist-ssl: warning: skipped corrupt sample" in result.stderr
     corrupt = json.loads((tmp_path / "run" / "results.json").read_text())["corrupt_samples"]
@@ -67,7 +71,7 @@ def test_corrupt_samples_are_skipped_and_reach_results_and_tensorboard(digits_sh
     events = EventAccumulator(str(tmp_path / "run" / "tb"))
     events.Reload()
     fractions = [e.value for e in events.Scalars("train/corrupt_fraction_unlabeled")]
-    assert 0 < fractions[-1] < 0.05
+    assert 0 < fractions[-1] < 0.1
 
 
 @pytest.mark.parametrize("workers", [0, 1])
