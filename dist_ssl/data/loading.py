@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import functools
 import os
+import select
 import signal
 import threading
+import time
 from typing import Iterator
 
 import torch
@@ -20,7 +22,38 @@ from torch.utils.data import DataLoader, IterableDataset
 from dist_ssl.data.shards.manifest import DataError
 
 
-def _obey_only_the_loader(loader_pid: int, worker_id: int) -> None:
+def _worker_init(loader_pid: int, worker_id: int) -> None:
+    """Every DataLoader worker: it ends with the process that owns its loader, and obeys only that
+    process's signals."""
+    threading.Thread(target=_end_with, args=(loader_pid,), name="loader-watch", daemon=True).start()
+    _obey_only_the_loader(loader_pid)
+
+
+def _end_with(loader_pid: int) -> None:
+    """Exit when the loader's process is gone. torch's worker watches its parent, which is the
+    forkserver here, not the rank: a rank killed outright would leave its workers, and through
+    them the forkserver (its children keep it alive), running for ever, holding the rank's memory
+    and stdout. A pidfd becomes readable when the process exits (and never names another process
+    that reuses the pid); without pidfds (Linux < 5.3), the pid is polled."""
+    try:
+        fd = os.pidfd_open(loader_pid)
+    except (AttributeError, OSError):
+        fd = None
+    if fd is not None:
+        select.select([fd], [], [])
+    else:
+        while True:
+            try:
+                os.kill(loader_pid, 0)
+            except ProcessLookupError:
+                break
+            except PermissionError:
+                pass
+            time.sleep(0.5)
+    os._exit(0)
+
+
+def _obey_only_the_loader(loader_pid: int) -> None:
     """SLURM signals every process of a job step and torchrun a rank's whole process group, workers
     included. torch's worker dies on a SIGTERM from anyone but its parent, and the training process
     then fails at once instead of checkpointing at the next step (engine/preemption.py).
@@ -113,7 +146,7 @@ def loader(stream: IterableDataset, workers: int) -> Batches:
         prefetch_factor=4 if workers > 0 else None,
         pin_memory=pin and pieces == 1,
         multiprocessing_context=worker_context() if workers > 0 else None,
-        worker_init_fn=functools.partial(_obey_only_the_loader, os.getpid()) if workers > 0 else None,
+        worker_init_fn=functools.partial(_worker_init, os.getpid()) if workers > 0 else None,
         # Its workers' base seed comes from a generator of its own: drawn from the global one when the
         # iterator starts (lazily, at the first batch), it would shift the training RNG (dropout,
         # sampled pseudo-labels) of a resumed run against the uninterrupted one. Samples are seeded
