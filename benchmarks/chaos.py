@@ -412,7 +412,7 @@ def setup(work: Path, shards: Path, needs: set[str]) -> None:
 
 def report(outcomes: list[Outcome], seed: int, seconds: float) -> int:
     print(f"\nchaos: seed {seed}, {seconds:.0f} s")
-    print(f"| command | faults | by kind | starts | exits | resumed from | reference s | lost s per fault | differences |")
+    print("| command | faults | by kind | starts | exits | resumed from | reference s | lost s per fault | differences |")
     print("|---|---|---|---|---|---|---|---|---|")
     total = 0
     for outcome in outcomes:

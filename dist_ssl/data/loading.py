@@ -1,5 +1,5 @@
-"""DataLoader worker processes for the streams: how they start (a forkserver), which signals they
-obey, and batches that come in one piece per worker, joined in worker order.
+"""DataLoader worker processes for the streams: which signals they obey, and batches that come in
+one piece per worker, joined in worker order.
 
 `loader(stream, workers)` is what every reader of a stream calls (training, evaluation, pseudo-
 labeling); the streams themselves (data/streams.py) make whole batches and know nothing of workers'
@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import functools
 import os
-import select
 import signal
 import threading
-import time
 from typing import Iterator
 
 import torch
@@ -22,38 +20,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from dist_ssl.data.shards.manifest import DataError
 
 
-def _worker_init(loader_pid: int, worker_id: int) -> None:
-    """Every DataLoader worker: it ends with the process that owns its loader, and obeys only that
-    process's signals."""
-    threading.Thread(target=_end_with, args=(loader_pid,), name="loader-watch", daemon=True).start()
-    _obey_only_the_loader(loader_pid)
-
-
-def _end_with(loader_pid: int) -> None:
-    """Exit when the loader's process is gone. torch's worker watches its parent, which is the
-    forkserver here, not the rank: a rank killed outright would leave its workers, and through
-    them the forkserver (its children keep it alive), running for ever, holding the rank's memory
-    and stdout. A pidfd becomes readable when the process exits (and never names another process
-    that reuses the pid); without pidfds (Linux < 5.3), the pid is polled."""
-    try:
-        fd = os.pidfd_open(loader_pid)
-    except (AttributeError, OSError):
-        fd = None
-    if fd is not None:
-        select.select([fd], [], [])
-    else:
-        while True:
-            try:
-                os.kill(loader_pid, 0)
-            except ProcessLookupError:
-                break
-            except PermissionError:
-                pass
-            time.sleep(0.5)
-    os._exit(0)
-
-
-def _obey_only_the_loader(loader_pid: int) -> None:
+def _obey_only_the_loader(loader_pid: int, worker_id: int) -> None:
     """SLURM signals every process of a job step and torchrun a rank's whole process group, workers
     included. torch's worker dies on a SIGTERM from anyone but its parent, and the training process
     then fails at once instead of checkpointing at the next step (engine/preemption.py).
@@ -114,26 +81,6 @@ def _pinned(value):
     return value
 
 
-def worker_context():
-    """How DataLoader workers start: from a forkserver, not by forking the rank.
-
-    A rank has threads (the run lock's heartbeat, the launcher watchdog, TensorBoard's writer, the
-    queue feeders of its other loaders), and forking a process with threads can deadlock the child:
-    on CPython 3.11 a child forked while another thread holds the interpreter's thread-list lock
-    waits for it forever inside os.fork() (seen here: an evaluation worker stuck in
-    `_PyThreadState_DeleteExcept`, its rank waiting for its first batch). The forkserver is one
-    single-threaded process per rank, started on first use with the modules a worker needs already
-    imported; every worker is forked from it. Where there is no forkserver (macOS, Windows), the
-    platform's default."""
-    import multiprocessing
-
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return None
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["torch", "dist_ssl.data.streams", "dist_ssl.data.loading", "dist_ssl.data.transforms"])
-    return context
-
-
 def loader(stream: IterableDataset, workers: int) -> Batches:
     """Batches are made inside the stream; the DataLoader only adds worker processes (one iterator
     per loader: an infinite training stream, or one pass of evaluation, so workers never persist)."""
@@ -145,8 +92,7 @@ def loader(stream: IterableDataset, workers: int) -> Batches:
         num_workers=workers,
         prefetch_factor=4 if workers > 0 else None,
         pin_memory=pin and pieces == 1,
-        multiprocessing_context=worker_context() if workers > 0 else None,
-        worker_init_fn=functools.partial(_worker_init, os.getpid()) if workers > 0 else None,
+        worker_init_fn=functools.partial(_obey_only_the_loader, os.getpid()) if workers > 0 else None,
         # Its workers' base seed comes from a generator of its own: drawn from the global one when the
         # iterator starts (lazily, at the first batch), it would shift the training RNG (dropout,
         # sampled pseudo-labels) of a resumed run against the uninterrupted one. Samples are seeded

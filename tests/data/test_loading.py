@@ -1,4 +1,4 @@
-"""DataLoader workers (data/loading.py): started from a forkserver, they still end with their rank."""
+"""DataLoader workers (data/loading.py) end with their rank."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from tests.conftest import REPO
 
 
 def test_the_workers_of_a_rank_killed_outright_end_with_it(digits_shards):
-    """The workers' parent is the forkserver, not the rank: a SIGKILLed rank must not leave them
-    (nor, through them, the forkserver) running, holding its memory and its stdout. The run below
-    returns only once every process holding its stdout is gone."""
+    """A SIGKILLed rank must not leave its workers running, holding its memory and its stdout (as
+    workers started from a forkserver did: their parent is the forkserver). The run below returns
+    only once every process holding its stdout is gone."""
     script = f"""
 import multiprocessing, os, signal
 from dist_ssl.config import AugmentConfig
