@@ -321,7 +321,13 @@ def run() -> None:
     from dist_ssl.engine.allocator import request_huge_pages
 
     request_huge_pages()
-    main()
+    try:
+        main()
+    finally:
+        # The command is over: a SIGTERM/SIGUSR1 from here on (Python gives them their default action
+        # back while it shuts down) must not turn the exit status of finished work into a signal's.
+        # Here, not in main(): a caller of main() in its own process (tests) keeps its signals.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR1})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -352,7 +358,4 @@ def main(argv: list[str] | None = None) -> None:
 
             if dist.is_available() and dist.is_initialized():
                 dist.destroy_process_group()
-    # The command is over: a SIGTERM/SIGUSR1 from here on (Python gives them their default action
-    # back while it shuts down) must not turn the exit status of finished work into a signal's.
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR1})
     sys.exit(code)
