@@ -51,9 +51,23 @@ class Batches:
 
     def __init__(self, dataloader: DataLoader, pieces: int = 1, join=None, pin: bool = False):
         self.dataloader, self.pieces, self.join, self.pin = dataloader, pieces, join, pin
+        self._started = None
+
+    def start(self) -> "Batches":
+        """Fork the workers now (they start reading the first pass) rather than at the first batch."""
+        self._started = iter(self.dataloader)
+        return self
+
+    def close(self) -> None:
+        """End persistent workers now, not whenever the DataLoader is freed."""
+        iterator = getattr(self.dataloader, "_iterator", None)
+        self.dataloader._iterator = self._started = None
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()  # what torch's own __del__ of the iterator does
 
     def __iter__(self) -> Iterator[dict]:
-        batches = iter(self.dataloader)
+        batches = self._started if self._started is not None else iter(self.dataloader)
+        self._started = None
         pieces: list[dict] = []
         while (batch := next(batches, None)) is not None:
             if isinstance(batch, dict) and "error" in batch:
@@ -81,9 +95,15 @@ def _pinned(value):
     return value
 
 
-def loader(stream: IterableDataset, workers: int) -> Batches:
-    """Batches are made inside the stream; the DataLoader only adds worker processes (one iterator
-    per loader: an infinite training stream, or one pass of evaluation, so workers never persist)."""
+def loader(stream: IterableDataset, workers: int, persistent: bool = False) -> Batches:
+    """Batches are made inside the stream; the DataLoader only adds worker processes: for one
+    iterator (an infinite training stream, one pass of pseudo-labeling), or, `persistent`, for every
+    pass of a stream read again and again (evaluations during training), forked once.
+
+    Why fork once: CPython 3.11's child of a fork takes the interpreter's thread-list lock before it
+    re-initialises it (PyOS_AfterFork_Child -> _PyThreadState_DeleteExcept), so a fork while another
+    thread of the process holds that lock never returns. A training rank has such threads (torch's,
+    gloo's, ours); forking evaluation workers at every evaluation hung a rank now and then."""
     pieces = getattr(stream, "pieces_per_batch", 1) if workers > 0 else 1
     pin = torch.cuda.is_available()
     return Batches(DataLoader(
@@ -91,6 +111,7 @@ def loader(stream: IterableDataset, workers: int) -> Batches:
         batch_size=None,
         num_workers=workers,
         prefetch_factor=4 if workers > 0 else None,
+        persistent_workers=persistent and workers > 0,
         pin_memory=pin and pieces == 1,
         worker_init_fn=functools.partial(_obey_only_the_loader, os.getpid()) if workers > 0 else None,
         # Its workers' base seed comes from a generator of its own: drawn from the global one when the

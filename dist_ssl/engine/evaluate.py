@@ -10,25 +10,35 @@ from torch import nn
 from torch.nn import functional as F
 
 from dist_ssl.data.shards.manifest import Manifest
-from dist_ssl.data.loading import loader
+from dist_ssl.data.loading import Batches, loader
 from dist_ssl.data.streams import DEFAULT_MAX_BAD_FRACTION, EvalStream
 from dist_ssl.data.transforms import View
 from dist_ssl.errors import UserError
 
 
+def eval_batches(manifest: Manifest, view, accelerator, batch_size: int, workers: int = 0,
+                 max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION, persistent: bool = False) -> Batches:
+    """This rank's batches of a split, every pass the same; `persistent` keeps the DataLoader's
+    workers between passes (a training run evaluates many times: data/loading.py says why)."""
+    stream = EvalStream(manifest, batch_size, view, accelerator.process_index, accelerator.num_processes, max_bad_fraction)
+    return loader(stream, min(workers, len(stream.my_units())), persistent)
+
+
 @torch.no_grad()
 def evaluate(net: nn.Module, manifest: Manifest, view, accelerator, batch_size: int, workers: int = 0,
-             max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION) -> dict:
+             max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION, batches: Batches | None = None) -> dict:
     """Accuracy, loss and the confusion counts (`confusion[true][predicted]`). Sums are reduced
-    over ranks, so a rank with no samples contributes zeros and never blocks."""
+    over ranks, so a rank with no samples contributes zeros and never blocks. `batches` (from
+    `eval_batches` of the same split) replaces a DataLoader of its own."""
     was_training = net.training
     net.eval()
     classes = manifest.num_classes
     # loss sum, correct, count, then the confusion counts: one reduce for all of them
     totals = torch.zeros(3 + classes * classes, dtype=torch.float64, device=accelerator.device)
-    stream = EvalStream(manifest, batch_size, view, accelerator.process_index, accelerator.num_processes, max_bad_fraction)
+    if batches is None:
+        batches = eval_batches(manifest, view, accelerator, batch_size, workers, max_bad_fraction)
     try:
-        for batch in loader(stream, min(workers, len(stream.my_units()))):
+        for batch in batches:
             labels = batch["label"].to(accelerator.device)
             if (labels < 0).any():
                 raise UserError(f"split {manifest.root} has samples without a label (key {batch['keys'][0]}); evaluate on a labeled split")

@@ -31,7 +31,7 @@ from dist_ssl.data.transforms import build_views
 from dist_ssl.engine import checkpoint, preemption
 from dist_ssl.engine.accelerator import launch_facts, make_accelerator, prepare_training
 from dist_ssl.engine.allocator import allocator_facts, keep_freed_memory
-from dist_ssl.engine.evaluate import evaluate, first_samples, predict
+from dist_ssl.engine.evaluate import eval_batches, evaluate, first_samples, predict
 from dist_ssl.engine.finetune import finetune_config
 from dist_ssl.engine.logging import (
     RunLogger,
@@ -323,9 +323,19 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------------
     def fit(self) -> dict:
+        cfg = self.cfg
+        batches = {name: device_views.Prefetcher(loader(stream, cfg.data.workers), self.device) for name, stream in self.streams.items()}
+        # the evaluations' workers are forked once, now, with the training ones (data/loading.py says why)
+        self.test_batches = eval_batches(self.data.test, self.views["plain"], self.accelerator, cfg.data.eval_batch_size,
+                                         cfg.data.workers, cfg.data.max_bad_fraction, persistent=True).start()
+        try:
+            return self._fit(batches)
+        finally:
+            self.test_batches.close()
+
+    def _fit(self, batches: dict) -> dict:
         cfg, total = self.cfg, self.cfg.train.total_steps
         self.session_start, self.wall_before, start_step = time.time(), self.state["wall_seconds"], self.state["step"]
-        batches = {name: device_views.Prefetcher(loader(stream, cfg.data.workers), self.device) for name, stream in self.streams.items()}
         self.rng.apply()  # after the loaders exist (see RngState)
         boundary = preemption.StepBoundary(cfg.train, self.accelerator)
         last_eval = None
@@ -383,7 +393,7 @@ class Trainer:
         eval_net = self.emas[self.method_cls.eval_role] if self.emas else self.raw[self.method_cls.eval_role]
         with torch.random.fork_rng(devices=[]):  # its DataLoader draws a seed: keep that out of the training RNG
             result = evaluate(eval_net, self.data.test, self.views["plain"], self.accelerator, self.cfg.data.eval_batch_size,
-                              self.cfg.data.workers, self.cfg.data.max_bad_fraction)
+                              batches=self.test_batches)
             if self.accelerator.is_main_process:
                 self._log_pseudo_label_grid(eval_net, step)
         confusion = result.pop("confusion")  # to TensorBoard, not into every checkpoint's history
