@@ -27,8 +27,10 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(VENV)/bin/dist-ssl demo --processes 2
 
+# Two workers, a test file each at a time (module fixtures are built once), longest files first
+# (tests/conftest.py): most tests launch real processes and wait on them.
 test: install
-	$(PY) -m pytest -q --durations=25 tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=25 tests
 
 clean:
 	rm -rf $(VENV) runs
