@@ -24,6 +24,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from dist_ssl.config import Config, role_model, save_config, to_dict
 from dist_ssl.data import device_views
+from dist_ssl.data.shards import tar
 from dist_ssl.data.shards.manifest import Manifest, load_manifest
 from dist_ssl.data.loading import loader
 from dist_ssl.data.streams import TrainStream, mix
@@ -324,6 +325,8 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------------
     def fit(self) -> dict:
         cfg = self.cfg
+        # shard reads retried after a transient storage error: saved ones, then this process tree's
+        self.retries_before, self.retries_at_start = self.state.get("storage_retries", 0), tar.retries_so_far()
         batches = {name: device_views.Prefetcher(loader(stream, cfg.data.workers), self.device) for name, stream in self.streams.items()}
         # the evaluations' workers are forked once, now, with the training ones (data/loading.py says why)
         self.test_batches = eval_batches(self.data.test, self.views["plain"], self.accelerator, cfg.data.eval_batch_size,
@@ -424,9 +427,19 @@ class Trainer:
         started = time.time()
         self.state["step"] = step
         self.state["wall_seconds"] = self.wall_before + started - self.session_start
+        self.state["storage_retries"] = self._storage_retries()
         path = self.checkpointer.save(step, self.state, reason)
         self.logger.scalars("checkpoint", {"save_seconds": time.time() - started}, step)
         return path
+
+    def _storage_retries(self) -> int:
+        """Shard reads retried after a transient storage error (data/shards/tar.py) by every rank and
+        its workers: those saved with the checkpoint resumed from, and this session's until now
+        (a session killed between checkpoints loses its count since the last one)."""
+        retried = torch.tensor([tar.retries_so_far() - self.retries_at_start], dtype=torch.float64, device=self.device)
+        if self.world > 1:
+            retried = self.accelerator.reduce(retried, "sum")
+        return self.retries_before + int(retried.item())
 
     def finish(self, last_eval: dict, start_step: int) -> dict:
         cfg, data, total, accelerator = self.cfg, self.data, self.cfg.train.total_steps, self.accelerator
@@ -434,6 +447,7 @@ class Trainer:
         corrupt = torch.tensor([s.corrupt_samples for s in self.streams.values()], dtype=torch.float64, device=self.device)
         if self.world > 1:
             corrupt = accelerator.reduce(corrupt, "sum")
+        storage_retries = self._storage_retries()
         results = {
             "method": cfg.method.name,
             "dataset": data.source,
@@ -450,6 +464,7 @@ class Trainer:
             "train_samples_per_second": (total - start_step) * self.samples_per_step / session_seconds if total > start_step else None,
             "data_wait_fraction": self.data_wait_seconds / session_seconds if total > start_step else None,
             "corrupt_samples": {name: int(n) for name, n in zip(self.streams, corrupt.tolist())},
+            "storage_retries": storage_retries,
             "run_dir": str(self.run_dir),
         }
         if accelerator.is_main_process:

@@ -1,4 +1,6 @@
+import errno
 import json
+import os
 import re
 import shutil
 import tarfile
@@ -321,7 +323,6 @@ def test_an_io_error_mid_shard_rereads_it_skipping_what_was_handed_out_then_give
     """EIO half-way through a shard (a storage hiccup: the one fault here that is simulated, by a
     stream that fails after N bytes): the reader re-opens it and hands out each sample once; when
     the error persists past RETRIES it is one DataError naming the shard."""
-    import errno
     import importlib
 
     from dist_ssl.data.shards import tar
@@ -364,3 +365,46 @@ def test_an_io_error_mid_shard_rereads_it_skipping_what_was_handed_out_then_give
     failures["left"] = RETRIES + 1
     with pytest.raises(DataError, match=rf"shard {re.escape(url)} could not be read after {RETRIES} retries: EIO"):
         list(ShardReader(url, info))
+
+
+def test_retries_during_training_are_counted_in_results_and_change_nothing(digits_shards, tmp_path, monkeypatch):
+    """A storage hiccup on a shard the training stream's DataLoader worker reads (another process):
+    the run's results.json counts the retries and is otherwise the fault-free run's."""
+    import importlib
+
+    from dist_ssl.data.shards import tar
+    from dist_ssl.engine.loop import train
+    from tests.conftest import tiny_config
+
+    unlabeled = load_manifest(digits_shards / "unlabeled")
+    flaky = unlabeled.url(unlabeled.shards[0])
+    gopen_module = importlib.import_module("webdataset.gopen")
+    real_open = gopen_module.gopen
+    tokens = tmp_path / "failures"
+    tokens.mkdir()
+    for n in range(2):
+        (tokens / str(n)).touch()
+
+    def flaky_open(path, mode="rb", **kw):
+        # failures shared by every process: a token file taken (removed) per failure
+        for token in sorted(tokens.iterdir()) if path == flaky else ():
+            try:
+                token.unlink()
+            except FileNotFoundError:
+                continue
+            (tmp_path / f"failed-in-{os.getpid()}").touch()
+            raise OSError(errno.EIO, "Input/output error")
+        return real_open(path, mode, **kw)
+
+    config = ("data.workers=1",)
+    plain = train(tiny_config(digits_shards, tmp_path / "plain", "fixmatch", *config))
+    monkeypatch.setattr(gopen_module, "gopen", flaky_open)  # the workers fork from here: they inherit it
+    monkeypatch.setattr(tar, "BACKOFF_SECONDS", 0.01)
+    hiccup = train(tiny_config(digits_shards, tmp_path / "hiccup", "fixmatch", *config))
+    assert not any(tokens.iterdir())
+    failed_in = {p.name for p in tmp_path.glob("failed-in-*")}
+    assert failed_in and f"failed-in-{os.getpid()}" not in failed_in  # in a worker process
+    assert plain["storage_retries"] == 0 and hiccup["storage_retries"] == 2
+    differs = {k for k in plain if plain[k] != hiccup[k]}
+    assert differs <= {"storage_retries", "run_dir", "wall_seconds", "train_samples_per_second", "data_wait_fraction"}, differs
+    assert json.loads((tmp_path / "hiccup" / "results.json").read_text())["storage_retries"] == 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import multiprocessing
 import os
 import re
 import sys
@@ -132,6 +133,13 @@ def tar_members(stream, url: str) -> Iterator[dict]:
 TRANSIENT = frozenset({errno.EIO, errno.ESTALE, errno.ENOENT})
 RETRIES = 4  # re-opens of a shard after a transient error, waiting BACKOFF_SECONDS x 1, 2, 4, 8 (3.75 s in all)
 BACKOFF_SECONDS = 0.25
+# Retries by this process and the DataLoader workers it forks (other processes: shared memory).
+_RETRIED = multiprocessing.Value("q", 0)
+
+
+def retries_so_far() -> int:
+    """Transient-error retries of shard reads by this process and its workers since it started."""
+    return _RETRIED.value
 
 
 class ShardReader:
@@ -159,6 +167,8 @@ class ShardReader:
                 if self.retries >= RETRIES:
                     raise exc.final from None
                 self.retries += 1
+                with _RETRIED.get_lock():
+                    _RETRIED.value += 1
                 wait = BACKOFF_SECONDS * 2 ** (self.retries - 1)
                 print(f"dist-ssl: warning: shard {self.url}: {exc.why}; retry {self.retries} of {RETRIES} in {wait:g} s",
                       file=sys.stderr, flush=True)
