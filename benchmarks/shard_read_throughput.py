@@ -14,11 +14,16 @@ For each worker count, the three readers run in turn, `--repeats` times, after o
 puts every file in the page cache. Reported: time to first batch (from creating the loader) and
 samples/s over the rest of one pass (median of the repeats), and the ratio to ImageFolder at the same
 worker count, measured in this run.
+
+`--epochs K` times K passes over the data with one loader (ImageFolder: K epochs of its DataLoader),
+as a training stream runs: one pass alone also charges a reader with what it has read ahead and not
+yet handed out when the pass ends (the training stream's shuffle buffers, one per open shard).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import statistics
@@ -33,16 +38,17 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dist_ssl.config import AugmentConfig  # noqa: E402
+from dist_ssl.config import AugmentConfig
+from dist_ssl.data.loading import loader
 from dist_ssl.data.shards.manifest import load_manifest
 from dist_ssl.data.shards.tar import raw_samples
-from dist_ssl.data.shards.writer import write_split  # noqa: E402
-from dist_ssl.data.sources import load_source  # noqa: E402
-from dist_ssl.data.loading import loader  # noqa: E402
-from dist_ssl.data.streams import EvalStream, TrainStream  # noqa: E402
-from dist_ssl.data.transforms import build_views  # noqa: E402
+from dist_ssl.data.shards.writer import write_split
+from dist_ssl.data.sources import load_source
+from dist_ssl.data.streams import EvalStream, TrainStream
+from dist_ssl.data.transforms import build_views
 
 BATCH = 256
+READERS = ["ImageFolder", "TrainStream", "EvalStream"]
 
 
 def build(work: Path, count: int, maxcount: int) -> tuple[Path, Path]:
@@ -80,22 +86,22 @@ def image_folder_batches(folder: Path, workers: int, mean: float, std: float):
 
     transform = v2.Compose([v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize([mean], [std])])
     dataset = datasets.ImageFolder(str(folder), transform=transform, loader=grey)
-    return iter(torch.utils.data.DataLoader(dataset, batch_size=BATCH, shuffle=True, num_workers=workers))
+    data = torch.utils.data.DataLoader(dataset, batch_size=BATCH, shuffle=True, num_workers=workers, persistent_workers=workers > 0)
+    return (batch for _ in iter(int, 1) for batch in data)  # epoch after epoch, as a training stream is
 
 
 def shard_batches(split: Path, kind: str, workers: int):
     manifest = load_manifest(split)
     views = build_views("image", manifest.input_shape, manifest.data["mean"], manifest.data["std"], AugmentConfig())
-    if kind == "TrainStream":
+    if kind == "TrainStream":  # infinite
         stream = TrainStream(manifest, BATCH, {"plain": views["plain"]}, 0, 1, workers, seed=0, shuffle_buffer=2000)
-    else:
-        stream = EvalStream(manifest, BATCH, views["plain"], 0, 1)
-        workers = min(workers, len(manifest.shards))
-    return iter(loader(stream, workers))
+        return iter(loader(stream, workers))
+    stream = EvalStream(manifest, BATCH, views["plain"], 0, 1)  # one pass, read again as evaluation does
+    return (batch for _ in iter(int, 1) for batch in loader(stream, min(workers, len(manifest.shards))))
 
 
 def one_pass(make, count: int) -> tuple[float, float]:
-    """(seconds to the first batch, samples/s over the rest of one pass of `count` samples)."""
+    """(seconds to the first batch, samples/s over the rest of `count` samples)."""
     start = time.perf_counter()
     batches = make()
     first = next(batches)
@@ -118,6 +124,8 @@ def main() -> None:
     parser.add_argument("--maxcount", type=int, default=1000, help="samples per shard")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=1, help="passes over the data timed with one loader")
+    parser.add_argument("--readers", nargs="+", default=READERS, choices=READERS, help="which to time (x ImageFolder needs ImageFolder)")
     parser.add_argument("--work", help="folder for the data (default: a temporary folder, removed afterwards)")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -145,8 +153,9 @@ def main() -> None:
             "TrainStream": lambda w: shard_batches(shards, "TrainStream", w),
             "EvalStream": lambda w: shard_batches(shards, "EvalStream", w),
         }
-        one_pass(lambda: readers["TrainStream"](1), args.count)  # warm-up: imports, first fork
-        one_pass(lambda: readers["ImageFolder"](1), args.count)
+        readers = {name: make for name, make in readers.items() if name in args.readers}
+        for make in readers.values():  # warm-up: imports, first fork
+            one_pass(lambda: make(1), args.count)
         print(f"sha256 of all {len(shard_bytes) / 1e6:.1f} MB of shards: {hash_seconds * 1000:.0f} ms in one thread")
         print()
         print(f"{'reader':<12} {'workers':>7} {'first batch s':>14} {'samples/s':>10} {'x ImageFolder':>14}")
@@ -154,12 +163,13 @@ def main() -> None:
             results = {name: [] for name in readers}
             for _ in range(args.repeats):
                 for name, make in readers.items():
-                    results[name].append(one_pass(lambda: make(workers), args.count))
-            base = statistics.median(r[1] for r in results["ImageFolder"])
+                    results[name].append(one_pass(lambda: make(workers), args.count * args.epochs))
+            base = statistics.median(r[1] for r in results["ImageFolder"]) if "ImageFolder" in results else math.nan
             for name, runs in results.items():
                 first = statistics.median(r[0] for r in runs)
                 rate = statistics.median(r[1] for r in runs)
-                print(f"{name:<12} {workers:>7} {first:>14.3f} {rate:>10.0f} {rate / base:>14.2f}", flush=True)
+                each = " / ".join(f"{r[1]:.0f}" for r in runs)
+                print(f"{name:<12} {workers:>7} {first:>14.3f} {rate:>10.0f} {rate / base:>14.2f}   ({each})", flush=True)
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
