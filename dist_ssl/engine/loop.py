@@ -24,12 +24,12 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from dist_ssl.config import Config, role_model, save_config, to_dict
 from dist_ssl.data import device_views
+from dist_ssl.data.loading import loader
 from dist_ssl.data.shards import tar
 from dist_ssl.data.shards.manifest import Manifest, load_manifest
-from dist_ssl.data.loading import loader
 from dist_ssl.data.streams import TrainStream, mix
 from dist_ssl.data.transforms import build_views
-from dist_ssl.engine import checkpoint, preemption
+from dist_ssl.engine import checkpoint, preemption, sync_batchnorm
 from dist_ssl.engine.accelerator import launch_facts, make_accelerator, prepare_training
 from dist_ssl.engine.allocator import allocator_facts, keep_freed_memory
 from dist_ssl.engine.evaluate import eval_batches, evaluate, first_samples, predict
@@ -171,11 +171,6 @@ class Trainer:
         self.data = data = load_run_data(cfg, method_cls)
         self.accelerator = accelerator = make_accelerator(cfg.train.mixed_precision)
         self.rank, self.world, self.device = accelerator.process_index, accelerator.num_processes, accelerator.device
-        if cfg.train.sync_batchnorm and self.device.type != "cuda":
-            raise UserError(
-                f"train.sync_batchnorm needs GPUs: torch's SyncBatchNorm reduces over NCCL and has no {self.device.type} "
-                "implementation (on CPUs, batch norm statistics stay per process)"
-            )
         self.retains_memory = self.device.type == "cpu" and cfg.train.cpu_allocator == "retain" and keep_freed_memory()
         self.run_dir = Path(cfg.train.output_dir)
         self.identity = {
@@ -270,7 +265,7 @@ class Trainer:
             for net in self.nets.values():
                 net.to(memory_format=memory_format)
         if self.cfg.train.sync_batchnorm:  # the same parameter objects: the optimizers built on them stay valid
-            self.nets = {role: torch.nn.SyncBatchNorm.convert_sync_batchnorm(net) for role, net in self.nets.items()}
+            self.nets = {role: sync_batchnorm.convert(net, self.device) for role, net in self.nets.items()}
         prepare_training(accelerator, self.nets, self.optimizers, self.specs, self.cfg.data.batch_size // self.world)
         for role in self.nets:
             self.raw[role] = accelerator.unwrap_model(self.nets[role])  # once: unwrapping probes for DeepSpeed
