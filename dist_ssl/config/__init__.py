@@ -194,8 +194,9 @@ class TrainConfig:
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     channels_last: bool = False  # NHWC networks and inputs: on in the CIFAR FixMatch configs (docs/speed.md)
     compile: bool = False  # torch.compile the networks (minutes of compilation before the first step)
-    # Batch norm statistics over the global batch (torch's SyncBatchNorm over the DDP group; GPUs only):
-    # with it, a network with batch norm trains the same on any number of GPUs.
+    # Batch norm statistics over the global batch (torch's SyncBatchNorm on GPUs, GlobalBatchNorm over
+    # gloo on CPUs: engine/sync_batchnorm.py): with it, a network with batch norm trains the same on
+    # any number of processes.
     sync_batchnorm: bool = False
     # CPU training: `retain` keeps freed memory in the heap instead of returning it to the kernel
     # every step: faster, at 1.2-1.3x the peak memory; `default` leaves glibc as the command started

@@ -6,7 +6,24 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.nn.functional import all_reduce
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """all_reduce (sum) whose backward sums the gradients over the ranks. Why our own: torch's
+    `torch.distributed.nn.functional.all_reduce` is deprecated (a warning at every call) in favour of a
+    private module."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+        return tensor
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
 
 
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -36,7 +53,7 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
             local = torch.cat([mean * count, (var.double() + mean * mean) * count, mean.new_full((1,), count)])
         else:  # a rank without samples still joins the reduction
             local = x.new_zeros(2 * channels + 1, dtype=torch.float64)
-        total = all_reduce(local)
+        total = _SumOverRanks.apply(local)
         samples = total[-1]
         mean = total[:channels] / samples
         var = (total[channels : 2 * channels] / samples - mean * mean).clamp_min(0)
