@@ -6,8 +6,8 @@ draws, as mean +- std.
     python benchmarks/two_moons.py --first-draw 100 --methods smpl   # held-out draws: a last check, never tuning
 
 Protocol (seed 002): 2,000 points, 3 labels per class, an MLP with two hidden layers of 8 ReLU
-units, learning rate 0.1, 1,000 steps, no augmentation (the configs add noise, and SMPL runs lr 0.3 for
-3,000 steps: their comments say why). Draw S writes its dataset as
+units, learning rate 0.1, 1,000 steps, no augmentation (the configs add noise, and most run 3,000 steps,
+SMPL and MPL at lr 0.3: their comments say why). Draw S writes its dataset as
 `dist-ssl shards write moons --labels-per-class 3 --seed S` does (S generates the points and picks
 the labels; 30% of the points are the test split) and trains every method from
 `configs/moons/<method>.yaml`: the same batches and network for all, the budget of each config.
