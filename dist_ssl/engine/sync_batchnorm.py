@@ -47,8 +47,9 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         self._check_input_dim(x)
         channels, count = x.size(1), x.numel() // max(x.size(1), 1)
         dims = [0, *range(2, x.dim())]
+        values = x.float()  # statistics and normalization in float32 (as torch's kernels do under autocast)
         if count:
-            var, mean = torch.var_mean(x.float(), dim=dims, correction=0)
+            var, mean = torch.var_mean(values, dim=dims, correction=0)
             mean = mean.double()
             local = torch.cat([mean * count, (var.double() + mean * mean) * count, mean.new_full((1,), count)])
         else:  # a rank without samples still joins the reduction
@@ -69,7 +70,7 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         if self.affine:
             scale, shift = scale * self.weight, shift * self.weight + self.bias
         shape = [1, channels] + [1] * (x.dim() - 2)
-        return torch.addcmul(shift.view(shape), x.float(), scale.view(shape)).to(x.dtype)
+        return torch.addcmul(shift.view(shape), values, scale.view(shape)).to(x.dtype)
 
 
 def convert(net: nn.Module, device: torch.device) -> nn.Module:
