@@ -41,6 +41,27 @@ class SmallCNN(nn.Module):
         return self.fc2(self.dropout(x))
 
 
+class SmallCNN3(SmallCNN):
+    """small_cnn with a third 3x3 convolution (64, batch norm) at quarter resolution, before fc.
+
+    At 28x28 it costs ~1.1x small_cnn's step on CPU (the added layer runs on 7x7 maps) and learns
+    more per step: Fashion-MNIST with every label, 4,000 steps, 89.7 % against 88.8 %; FlexMatch at
+    100 labels per class in the same 33 minutes on 2 cores, 86.7 % against 85.9 % (docs/methods.md).
+    """
+
+    def __init__(self, num_classes: int, input_shape: tuple[int, ...], cfg: ModelConfig):
+        super().__init__(num_classes, input_shape, cfg)
+        self.conv3 = nn.Conv2d(64, 64, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(64, momentum=cfg.bn_momentum)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x)), inplace=True), 2)
+        x = F.max_pool2d(F.relu(self.bn2(self.conv2(x)), inplace=True), 2)
+        x = F.relu(self.bn3(self.conv3(x)), inplace=True)
+        x = F.relu(self.fc1(x.flatten(1)), inplace=True)
+        return self.fc2(self.dropout(x))
+
+
 class MnistCNN(nn.Module):
     """Seed 001's MNIST network: 5x5 convolutions (20, 40) with 2x2 pooling, Dropout2d, fc 150.
 
