@@ -46,7 +46,8 @@ class SmallCNN3(SmallCNN):
 
     At 28x28 it costs ~1.1x small_cnn's step on CPU (the added layer runs on 7x7 maps) and learns
     more per step: Fashion-MNIST with every label, 4,000 steps, 89.7 % against 88.8 %; FlexMatch at
-    100 labels per class in the same 33 minutes on 2 cores, 86.7 % against 85.9 % (docs/methods.md).
+    100 labels per class in ~33 minutes on 2 cores, 86.7 % against 85.9 % (one label draw;
+    docs/methods.md).
     """
 
     def __init__(self, num_classes: int, input_shape: tuple[int, ...], cfg: ModelConfig):
