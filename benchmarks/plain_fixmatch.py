@@ -11,9 +11,10 @@ replacement, the raw model evaluated. Each flag swaps one piece for dist-ssl's c
 difference between this script and `dist-ssl train configs/digits/fixmatch.yaml` can be taken apart
 one piece at a time. Prints one line per shards folder, then mean +- sample std.
 
-Measured (this 2-core VM, `--threads 1` beside a `dist-ssl bench`, 380-390 s a run): digits, 5 labels
-per class, draws 0-2 of `shards write`, 1,000 steps: 96.36 +- 1.49 (97.78, 96.48, 94.81), against
-96.73 +- 1.02 (97.41, 95.56, 97.22) for dist-ssl's shipped FixMatch on 2 processes (docs/methods.md).
+Measured (this 2-core VM, `--threads 1` beside a `dist-ssl bench`, 320-445 s a run): digits, 5 labels
+per class, draws 0-9 of `shards write`, 1,000 steps: 96.28 +- 1.13, against 95.91 +- 1.75 for
+dist-ssl's shipped FixMatch on 2 processes; draw by draw -0.37 +- 1.67, no systematic gap
+(docs/methods.md, each draw there).
 
 It is a benchmark, deliberately independent of dist-ssl's code paths (only `--model small_cnn`
 borrows dist-ssl's network, to test that piece alone).
