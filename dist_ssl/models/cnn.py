@@ -22,9 +22,11 @@ class SmallCNN(nn.Module):
     learning rates SSL methods use; the seed network had none.
     """
 
+    name = "small_cnn"
+
     def __init__(self, num_classes: int, input_shape: tuple[int, ...], cfg: ModelConfig):
         super().__init__()
-        channels, height, width = image_shape(input_shape, "small_cnn")
+        channels, height, width = image_shape(input_shape, self.name)
         self.conv1 = nn.Conv2d(channels, 32, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(32, momentum=cfg.bn_momentum)
         self.conv2 = nn.Conv2d(32, 64, 3, padding=1, bias=False)
@@ -33,11 +35,13 @@ class SmallCNN(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.fc2 = nn.Linear(128, num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
         # In place: neither batch norm's nor a linear layer's backward reads its output.
         x = F.max_pool2d(F.relu(self.bn1(self.conv1(x)), inplace=True), 2)
-        x = F.max_pool2d(F.relu(self.bn2(self.conv2(x)), inplace=True), 2)
-        x = F.relu(self.fc1(x.flatten(1)), inplace=True)
+        return F.max_pool2d(F.relu(self.bn2(self.conv2(x)), inplace=True), 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.fc1(self.features(x).flatten(1)), inplace=True)
         return self.fc2(self.dropout(x))
 
 
@@ -50,17 +54,15 @@ class SmallCNN3(SmallCNN):
     docs/methods.md).
     """
 
+    name = "small_cnn3"
+
     def __init__(self, num_classes: int, input_shape: tuple[int, ...], cfg: ModelConfig):
         super().__init__(num_classes, input_shape, cfg)
         self.conv3 = nn.Conv2d(64, 64, 3, padding=1, bias=False)
         self.bn3 = nn.BatchNorm2d(64, momentum=cfg.bn_momentum)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x)), inplace=True), 2)
-        x = F.max_pool2d(F.relu(self.bn2(self.conv2(x)), inplace=True), 2)
-        x = F.relu(self.bn3(self.conv3(x)), inplace=True)
-        x = F.relu(self.fc1(x.flatten(1)), inplace=True)
-        return self.fc2(self.dropout(x))
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.bn3(self.conv3(super().features(x))), inplace=True)
 
 
 class MnistCNN(nn.Module):

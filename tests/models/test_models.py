@@ -23,8 +23,8 @@ def test_mlp_follows_hidden_sizes():
 
 @pytest.mark.parametrize("name, shape, message", [
     ("mnist_cnn", (1, 8, 8), "at least 16x16"),
-    ("small_cnn", (2,), "needs images"),
-    ("small_cnn3", (2,), "needs images"),
+    ("small_cnn", (2,), "small_cnn needs images"),
+    ("small_cnn3", (2,), "small_cnn3 needs images"),
     ("smal_cnn", (1, 8, 8), "did you mean 'small_cnn'"),
 ])
 def test_model_misfits_are_user_errors(name, shape, message):
