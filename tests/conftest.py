@@ -85,11 +85,16 @@ def kill_tree(pid: int, sig: int = 9) -> None:
     import psutil
 
     parent = psutil.Process(pid)
-    for proc in [parent, *parent.children(recursive=True)]:
+    procs = [parent, *parent.children(recursive=True)]
+    for proc in procs:
         try:
             proc.send_signal(sig)
         except psutil.NoSuchProcess:
             pass
+    if sig == 9:
+        # A SIGKILLed rank takes a moment to be gone; until then the run lock rightly counts it as
+        # alive, and a rerun started at once would be refused as "in use by another run".
+        psutil.wait_procs(procs, timeout=30)
 
 
 def assert_same_checkpoint(a: Path, b: Path) -> None:
