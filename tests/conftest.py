@@ -93,8 +93,9 @@ def kill_tree(pid: int, sig: int = 9) -> None:
             pass
     if sig == 9:
         # A SIGKILLed rank takes a moment to be gone; until then the run lock rightly counts it as
-        # alive, and a rerun started at once would be refused as "in use by another run".
-        psutil.wait_procs(procs, timeout=30)
+        # alive, and a rerun started at once would be refused as "in use by another run". Not the
+        # launcher: it is the caller's child, and waiting here would reap its exit status.
+        psutil.wait_procs(procs[1:], timeout=30)
 
 
 def assert_same_checkpoint(a: Path, b: Path) -> None:
