@@ -14,7 +14,8 @@ filesystems make atomic:
 - heartbeat: a thread of the holder sets the file's mtime every `HEARTBEAT_SECONDS`, and checks that
   the file still holds its token: if another host took the lock over (this host looked dead, e.g.
   suspended or cut off), the process stops publishing anything (`files.revoke`);
-- stale: on the same host, the pid is gone or now belongs to another process (start time differs);
+- stale: on the same host, the pid is gone, has exited but not been reaped (a zombie), or now
+  belongs to another process (start time differs);
   from another host, the heartbeat is older than `STALE_SECONDS` (the nodes' clocks must agree to
   well within that, as NTP keeps them);
 - take over: rename the stale file to a name of one's own, which only one contender can do, check
@@ -52,14 +53,21 @@ class Locked(UserError):
     """Another live command holds the folder."""
 
 
-def _start_time(pid: int) -> str | None:
-    """The kernel's start time of `pid` (clock ticks since boot), to tell a reused pid apart; None
-    where /proc is missing."""
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state, ppid, ...); None where /proc is
+    missing or the pid is gone."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return stat[stat.rindex(")") + 2:].split()[19]
+    return stat[stat.rindex(")") + 2:].split()
+
+
+def _start_time(pid: int) -> str | None:
+    """The kernel's start time of `pid` (clock ticks since boot), to tell a reused pid apart; None
+    where /proc is missing."""
+    fields = _stat(pid)
+    return None if fields is None else fields[19]
 
 
 def _pid_alive(pid: int, started: str | None) -> bool:
@@ -69,8 +77,14 @@ def _pid_alive(pid: int, started: str | None) -> bool:
         return False
     except PermissionError:  # someone else's process: alive
         pass
-    now = _start_time(pid)
-    return started is None or now is None or now == started
+    fields = _stat(pid)
+    if fields is None:  # no /proc: the signal answered, so it lives
+        return True
+    # A zombie (Z) or dying (X) holder has exited: only its parent has not read its status yet
+    # (a launcher that was itself killed, a test harness that reaps later).
+    if fields[0] in ("Z", "X"):
+        return False
+    return started is None or fields[19] == started
 
 
 def _read(path: Path) -> dict | None:

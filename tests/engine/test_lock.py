@@ -77,6 +77,20 @@ def test_stale_locks_are_taken_over_with_a_line_and_live_ones_kept(tmp_path):
     files.atomic_write_json(path, dict(record, pid_started="1"))
     assert "is gone" in RunLock(tmp_path / "c").acquire()
 
+    # A holder that has exited but was not reaped yet (a zombie: its launcher was killed, or reaps
+    # later) is gone too; while it runs, its lock is kept.
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        plant(tmp_path / "d", here, holder.pid)
+        with pytest.raises(Locked, match=f"pid {holder.pid} on"):
+            RunLock(tmp_path / "d").acquire()
+        holder.stdin.close()
+        while lock._stat(holder.pid)[0] != "Z":  # exited, not yet waited for
+            time.sleep(0.01)
+        assert "is gone" in RunLock(tmp_path / "d").acquire()
+    finally:
+        holder.wait()
+
 
 def test_the_heartbeat_moves_and_a_lost_lock_stops_publishing(tmp_path, monkeypatch):
     monkeypatch.setattr(lock, "HEARTBEAT_SECONDS", 0.05)
