@@ -357,5 +357,11 @@ def main(argv: list[str] | None = None) -> None:
             import torch.distributed as dist
 
             if dist.is_available() and dist.is_initialized():
+                if code == 0 and sys.exc_info()[0] is None:
+                    # Every rank finished: leave together. Rank 0 hosts the rendezvous store; a
+                    # rank still tearing down its gloo threads after rank 0 is gone was seen to
+                    # abort ("terminate called without an active exception"). Only on success:
+                    # a failed rank is not coming, and torchrun stops the others.
+                    dist.barrier()
                 dist.destroy_process_group()
     sys.exit(code)
