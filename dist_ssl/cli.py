@@ -117,9 +117,12 @@ def _evaluate(args) -> int:
 
     result = evaluate_checkpoint(args.checkpoint, args.shards, args.split, args.batch_size, args.weights, allow_pipe=args.allow_pipe)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"accuracy {result['accuracy']:.4f}  loss {result['loss']:.4f}  ({result['samples']} samples, {result['weights']} weights, {result['checkpoint']})")
-        if args.json:
+        line = f"accuracy {result['accuracy']:.4f}  loss {result['loss']:.4f}  ({result['samples']} samples, {result['weights']} weights, {result['checkpoint']})"
+        if args.json:  # stdout is the JSON alone, for `| jq` and json.load; the line goes to stderr
+            print(line, file=sys.stderr)
             print(json.dumps(result))
+        else:
+            print(line)
     return 0
 
 
@@ -250,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="test")
     evaluate.add_argument("--batch-size", type=int, default=256)
     evaluate.add_argument("--weights", choices=("auto", "ema", "raw"), default="auto")
-    evaluate.add_argument("--json", action="store_true", help="also print the result as JSON")
+    evaluate.add_argument("--json", action="store_true", help="print the result (with the confusion counts) as JSON on stdout; the summary line goes to stderr")
     evaluate.add_argument("--allow-pipe", action="store_true", help=ALLOW_PIPE_HELP)
     evaluate.set_defaults(func=_evaluate)
 

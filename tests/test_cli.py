@@ -1,5 +1,7 @@
 """Every bad input: one clear error line on stderr and a non-zero exit, through the real CLI."""
 
+import json
+
 import pytest
 
 from tests.conftest import run_cli
@@ -56,4 +58,6 @@ def test_write_train_evaluate(tmp_path):
     assert trained.returncode == 0, trained.stderr
     evaluated = run_cli("evaluate", str(tmp_path / "run"), "--shards", str(tmp_path / "moons"), "--json")
     assert evaluated.returncode == 0, evaluated.stderr
-    assert evaluated.stdout.startswith("accuracy ") and "(600 samples, raw weights" in evaluated.stdout
+    assert evaluated.stderr.startswith("accuracy ") and "(600 samples, raw weights" in evaluated.stderr
+    result = json.loads(evaluated.stdout)  # stdout is the JSON alone
+    assert result["samples"] == 600 and sum(map(sum, result["confusion"])) == 600
