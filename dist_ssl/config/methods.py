@@ -119,6 +119,7 @@ class FlexMatchConfig:
     threshold: float = 0.95  # tau: the highest class threshold, and the confidence that updates a sample's status
     unlabeled_weight: float = 1.0  # lambda_u
     warmup: bool = True  # count the samples without a confident prediction yet (low thresholds early)
+    distribution_alignment: float = 0.0  # as method.fixmatch's (ReMixMatch), before thresholds and statuses read the weak view; 0 = off
     # FlexMatch keeps one entry per unlabeled sample on every rank and in every checkpoint (1 byte, 2
     # above 127 classes): a bigger pool is refused (FreeMatch needs no per-sample state).
     max_pool_size: int = 10_000_000
@@ -126,3 +127,4 @@ class FlexMatchConfig:
     def __post_init__(self):
         check_config(0 < self.threshold <= 1, "method.flexmatch.threshold", "must be in (0, 1]")
         check_config(self.max_pool_size >= 1, "method.flexmatch.max_pool_size", "must be >= 1")
+        check_config(0 <= self.distribution_alignment < 1, "method.flexmatch.distribution_alignment", "must be in [0, 1)")

@@ -1,5 +1,5 @@
 """Distribution alignment (ReMixMatch), for the methods that pseudo-label: `method.fixmatch`,
-`method.mpl` and `method.smpl` each have a `distribution_alignment` decay (0 = off)."""
+`method.flexmatch`, `method.mpl` and `method.smpl` each have a `distribution_alignment` decay (0 = off)."""
 
 from __future__ import annotations
 

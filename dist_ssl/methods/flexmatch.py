@@ -22,6 +22,9 @@ applied on every rank, so all ranks hold the same table and 1 or N processes tak
 (TorchSSL and USB keep a table per GPU of the samples it read). The table is method state, saved in
 checkpoints (TorchSSL's are not: a resumed run restarted its curriculum), one byte per sample (two
 above 127 classes) on every rank: `max_pool_size` refuses a bigger pool.
+
+With `distribution_alignment` the weak view's softmax is aligned first (methods/alignment.py, as
+FixMatch's), so the confidences, the pseudo-labels and the statuses recorded are the aligned ones.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from torch import nn
 
 from dist_ssl.config import Config
 from dist_ssl.errors import UserError
+from dist_ssl.methods.alignment import Alignment, aligned
 from dist_ssl.methods.base import Method, StepContext, StepOutput, TrainBatch, full, weak_strong_forward, weighted_cross_entropy
 
 
@@ -60,6 +64,7 @@ class FlexMatch(Method):
                 "whose adaptive thresholds need no per-sample state"
             )
         self.status = torch.full((pool_size,), -1, dtype=status_dtype(num_classes))
+        self.alignment = Alignment(self.settings.distribution_alignment, num_classes)
 
     def update(self, index: torch.Tensor, pseudo: torch.Tensor, confident: torch.Tensor, ctx: StepContext) -> None:
         """Record every rank's confident predictions in every rank's table."""
@@ -74,7 +79,8 @@ class FlexMatch(Method):
     def train_step(self, batch: TrainBatch, ctx: StepContext) -> StepOutput:
         cfg = self.settings
         loss_l, logits_w, logits_s = weak_strong_forward(self.nets["model"], batch)
-        confidence, pseudo = torch.softmax(full(logits_w.detach()), dim=1).max(dim=1)
+        weak_logits = aligned(logits_w, self.alignment(logits_w, batch.labeled_y, ctx))
+        confidence, pseudo = torch.softmax(full(weak_logits.detach()), dim=1).max(dim=1)
         self.status = self.status.to(confidence.device)
         thresholds = class_thresholds(self.status, self.num_classes, cfg.threshold, cfg.warmup)  # the previous step's status
         mask = confidence.double() >= thresholds[pseudo]
@@ -95,7 +101,7 @@ class FlexMatch(Method):
         return StepOutput(metrics, pseudo_labels=pseudo, mask=mask)
 
     def state_dict(self) -> dict:
-        return {"status": self.status.cpu().clone()}
+        return {"status": self.status.cpu().clone(), "alignment": self.alignment.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         status = state["status"]
@@ -105,3 +111,5 @@ class FlexMatch(Method):
                 f"{len(self.status):,}: resume with the same data.unlabeled split (or train.resume=never)"
             )
         self.status = status.to(self.status.dtype).clone()
+        if "alignment" in state:  # checkpoints from before FlexMatch had distribution alignment: it was off
+            self.alignment.load_state_dict(state["alignment"])

@@ -21,10 +21,12 @@ pytestmark = pytest.mark.slow
 METHODS = ("freematch", "softmatch", "flexmatch")
 STEPS = 3
 # lambda = 0.5 so that three steps move the statistics visibly; FlexMatch's tau low enough that an
-# untrained network's predictions reach it, so the table fills and the thresholds move.
+# untrained network's predictions reach it, so the table fills and the thresholds move, and its
+# distribution alignment on (averages over the global batch).
 OVERRIDES = ["model.name=mlp", "model.hidden_sizes=[32]", "data.batch_size=20", "data.unlabeled_batch_ratio=3", "train.epochs=3",
              "train.steps_per_epoch=1", "train.keep_last=3", "train.log_every_steps=1", "train.ema_decay=0", "optim.lr=0.3",
-             "method.freematch.ema_decay=0.5", "method.softmatch.ema_decay=0.5", "method.flexmatch.threshold=0.2"]
+             "method.freematch.ema_decay=0.5", "method.softmatch.ema_decay=0.5", "method.flexmatch.threshold=0.2",
+             "method.flexmatch.distribution_alignment=0.5"]
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +63,10 @@ def test_one_and_two_processes_take_the_same_steps(one_shard_digits, tmp_path):
                 assert torch.allclose(tensor, other[name], rtol=1e-5, atol=1e-6), (method, step, name)
             alone, first, second = rank_state(one, step, 0), rank_state(two, step, 0), rank_state(two, step, 1)
             for key, value in alone.items():
+                if isinstance(value, dict):  # FlexMatch's alignment: moving averages, lists of floats
+                    assert first[key] == second[key], (method, step, key)
+                    assert all(value[k] == pytest.approx(first[key][k], rel=1e-6) for k in value), (method, step, key)
+                    continue
                 assert torch.equal(first[key], second[key]), (method, step, key)  # every rank holds the same state
                 if value.is_floating_point():  # float32 networks whose sums ran in another order
                     assert torch.allclose(value, first[key], rtol=1e-5, atol=1e-7), (method, step, key)
@@ -69,5 +75,6 @@ def test_one_and_two_processes_take_the_same_steps(one_shard_digits, tmp_path):
         last = rank_state(one, STEPS, 0)
         if method == "flexmatch":  # the table filled: the thresholds it gives really moved
             assert 0 < int((last["status"] >= 0).sum()) < len(last["status"])
+            assert last["alignment"]["predicted"] != pytest.approx([0.1] * 10)  # the alignment moved off uniform
         else:
             assert all(not torch.equal(value, rank_state(one, 1, 0)[key]) for key, value in last.items())

@@ -51,6 +51,27 @@ def test_a_step_masks_with_the_previous_status_then_records_confident_prediction
     assert [out.metrics[f"threshold/class_{c}"].item() for c in range(3)] == pytest.approx([0.95, 0.475, 0.0])
 
 
+def test_distribution_alignment_reads_thresholds_and_statuses_from_the_aligned_weak_view():
+    method = flexmatch("method.flexmatch.distribution_alignment=0.5")
+    method.status = torch.tensor(STATUS, dtype=torch.int8)
+    weak = torch.tensor([[0.96, 0.02, 0.02], [0.1, 0.85, 0.05], [0.44, 0.3, 0.26], [0.01, 0.98, 0.01]])
+    labeled = torch.eye(3) * 2  # one label of each class: the labels' average stays uniform
+    batch = TrainBatch(labeled, torch.tensor([0, 1, 2]), {"weak": weak.log(), "strong": weak.log()}, torch.tensor([3, 0, 2, 4]))
+    out = method.train_step(batch, context())
+    # mean prediction [0.3775, 0.5375, 0.085]; its average from uniform with decay 0.5:
+    predicted = [0.5 / 3 + 0.5 * m for m in (0.3775, 0.5375, 0.085)]
+    assert method.alignment.state_dict()["predicted"] == pytest.approx(predicted)
+    # weak x (1/3) / predicted, renormalized: [0.9502, 0.0162, 0.0336], [0.1138, 0.7895, 0.0967],
+    # [0.3905, 0.2174, 0.3921] (the third sample now goes to class 2, threshold 0), [0.0121, 0.9674, 0.0206]
+    assert out.pseudo_labels.tolist() == [0, 1, 2, 1]
+    assert out.mask.tolist() == [True, True, True, True]  # without alignment the third sample is masked out
+    # confident (>= 0.95, aligned): sample 3 -> class 0 (0.9502), sample 4 -> class 1 (0.9674)
+    assert method.status.tolist() == [0, 0, 1, 0, 1, -1]
+    again = flexmatch("method.flexmatch.distribution_alignment=0.5")
+    again.load_state_dict(method.state_dict())
+    assert again.alignment.state_dict() == method.alignment.state_dict()
+
+
 def test_a_sample_twice_in_one_batch_keeps_the_higher_class_whatever_the_order():
     for order in ([0, 1], [1, 0]):
         method = flexmatch()
