@@ -121,6 +121,9 @@ class OptimConfig:
 @dataclass
 class MethodConfig:
     name: str = "fixmatch"  # see dist_ssl.methods.METHODS
+    # FixMatch, FlexMatch, FreeMatch, SoftMatch: one forward over [labeled, weak, strong] (the papers');
+    # false: the weak view in a pass of its own without gradients, a faster step (methods/base.py)
+    concat_forward: bool = True
     pseudo_label: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
     fixmatch: FixMatchConfig = field(default_factory=FixMatchConfig)
     mpl: MPLConfig = field(default_factory=MPLConfig)

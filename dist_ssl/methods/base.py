@@ -102,11 +102,22 @@ class Method:
         pass
 
 
-def weak_strong_forward(net: nn.Module, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """FixMatch's one forward pass over [labeled, weak, strong], so batch norm sees the concatenated
-    batch: the labeled loss, and the weak and strong views' logits (the FixMatch family shares it)."""
+def weak_strong_forward(net: nn.Module, batch: TrainBatch, concat: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The FixMatch family's forward: the labeled loss, and the weak and strong views' logits.
+
+    `concat` (`method.concat_forward`): FixMatch's one pass over [labeled, weak, strong], so batch
+    norm sees the concatenated batch. Otherwise (USB's `use_cat=False`) [labeled, strong] is one pass
+    and the weak view another without gradients: every method here only reads the weak logits as
+    targets, detached, so the backward pass over the weak rows (a third of the batch at 1:1 views,
+    all zeros) is skipped. The price: batch norm normalizes the weak view by its own statistics.
+    """
     weak, strong = batch.unlabeled["weak"], batch.unlabeled["strong"]
-    logits_l, logits_w, logits_s = net(torch.cat([batch.labeled_x, weak, strong])).split([len(batch.labeled_x), len(weak), len(strong)])
+    if concat:
+        logits_l, logits_w, logits_s = net(torch.cat([batch.labeled_x, weak, strong])).split([len(batch.labeled_x), len(weak), len(strong)])
+    else:
+        logits_l, logits_s = net(torch.cat([batch.labeled_x, strong])).split([len(batch.labeled_x), len(strong)])
+        with torch.no_grad():
+            logits_w = net(weak)
     return F.cross_entropy(logits_l, batch.labeled_y), logits_w, logits_s
 
 

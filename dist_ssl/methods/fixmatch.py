@@ -22,7 +22,7 @@ class FixMatch(Method):
 
     def train_step(self, batch: TrainBatch, ctx: StepContext) -> StepOutput:
         cfg = self.cfg.method.fixmatch
-        loss_l, logits_w, logits_s = weak_strong_forward(self.nets["model"], batch)
+        loss_l, logits_w, logits_s = weak_strong_forward(self.nets["model"], batch, self.cfg.method.concat_forward)
         weak_logits = aligned(logits_w, self.alignment(logits_w, batch.labeled_y, ctx))
         confidence, pseudo = torch.softmax(weak_logits.detach().float() / cfg.temperature, dim=1).max(dim=1)
         mask = confidence >= cfg.threshold

@@ -78,7 +78,7 @@ class FlexMatch(Method):
 
     def train_step(self, batch: TrainBatch, ctx: StepContext) -> StepOutput:
         cfg = self.settings
-        loss_l, logits_w, logits_s = weak_strong_forward(self.nets["model"], batch)
+        loss_l, logits_w, logits_s = weak_strong_forward(self.nets["model"], batch, self.cfg.method.concat_forward)
         weak_logits = aligned(logits_w, self.alignment(logits_w, batch.labeled_y, ctx))
         confidence, pseudo = torch.softmax(full(weak_logits.detach()), dim=1).max(dim=1)
         self.status = self.status.to(confidence.device)

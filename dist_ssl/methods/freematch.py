@@ -84,7 +84,7 @@ class FreeMatch(Method):
 
     def train_step(self, batch: TrainBatch, ctx: StepContext) -> StepOutput:
         cfg = self.settings
-        loss_l, logits_w, logits_s = weak_strong_forward(self.nets["model"], batch)
+        loss_l, logits_w, logits_s = weak_strong_forward(self.nets["model"], batch, self.cfg.method.concat_forward)
         probs = torch.softmax(full(logits_w.detach()), dim=1)
         confidence, pseudo = probs.max(dim=1)
         self.update(probs, ctx)  # the batch enters the statistics before its own mask

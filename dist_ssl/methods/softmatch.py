@@ -75,7 +75,7 @@ class SoftMatch(Method):
 
     def train_step(self, batch: TrainBatch, ctx: StepContext) -> StepOutput:
         cfg = self.settings
-        loss_l, logits_w, logits_s = weak_strong_forward(self.nets["model"], batch)
+        loss_l, logits_w, logits_s = weak_strong_forward(self.nets["model"], batch, self.cfg.method.concat_forward)
         probs = torch.softmax(full(logits_w.detach()), dim=1).double()
         if cfg.uniform_alignment:
             probs = self.align(probs, ctx)

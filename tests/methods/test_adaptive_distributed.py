@@ -5,6 +5,9 @@ ranks hold the same statistics and the same FlexMatch table. One launch trains t
 Digits with one shard per split: two ranks read strided halves of the order one process reads
 whole, so every step has the same global batch. An MLP has no batch norm, whose per-rank batch
 statistics would legitimately differ; dropout is off and the EMA too, so nothing else differs.
+The weak view runs in a forward pass of its own (`method.concat_forward=false`, two DDP forwards a
+step, one without gradients); FixMatch's test (tests/engine/test_speed_switches.py) covers the
+concatenated one.
 """
 
 import subprocess
@@ -26,7 +29,7 @@ STEPS = 3
 OVERRIDES = ["model.name=mlp", "model.hidden_sizes=[32]", "data.batch_size=20", "data.unlabeled_batch_ratio=3", "train.epochs=3",
              "train.steps_per_epoch=1", "train.keep_last=3", "train.log_every_steps=1", "train.ema_decay=0", "optim.lr=0.3",
              "method.freematch.ema_decay=0.5", "method.softmatch.ema_decay=0.5", "method.flexmatch.threshold=0.2",
-             "method.flexmatch.distribution_alignment=0.5"]
+             "method.flexmatch.distribution_alignment=0.5", "method.concat_forward=false"]
 
 
 @pytest.fixture(scope="module")

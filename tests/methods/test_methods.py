@@ -104,3 +104,33 @@ def test_distribution_alignment_rescales_pseudo_labels_to_the_labels_class_balan
     restored = Alignment(0.5, 2)
     restored.load_state_dict(alignment.state_dict())
     assert restored.state_dict() == alignment.state_dict()
+
+
+@pytest.mark.parametrize("name", ["fixmatch", "flexmatch", "freematch", "softmatch"])
+def test_the_split_forward_takes_the_concatenated_step_without_the_weak_views_backward(name):
+    """`method.concat_forward=false`: the weak view is a pass of its own without gradients. On a
+    network without batch norm that is the same step as the one concatenated pass: the same losses
+    and gradients."""
+    grads = {}
+    for concat in (True, False):
+        cfg = load_config(None, [f"method.name={name}", f"method.concat_forward={str(concat).lower()}", "method.fixmatch.threshold=0.3",
+                                 "method.flexmatch.threshold=0.3"])
+        model = net()
+        out = METHODS[name](cfg, {"model": model}, 3, pool_size=8).train_step(batch(), StepContext(0, 0.0, 10, Recorder()))
+        grads[concat] = (float(out.metrics["loss"]), [p.grad.clone() for p in model.parameters()])
+    assert grads[True][0] == pytest.approx(grads[False][0], rel=1e-6)
+    for together, apart in zip(grads[True][1], grads[False][1]):
+        assert torch.allclose(together, apart, atol=1e-7)
+
+
+def test_the_split_forward_normalizes_the_weak_view_by_its_own_batch():
+    from dist_ssl.methods.base import weak_strong_forward
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 5), nn.BatchNorm1d(5), nn.Linear(5, 3))
+    data = batch()
+    _, weak_logits, strong_logits = weak_strong_forward(model, data, concat=False)
+    assert not weak_logits.requires_grad and strong_logits.requires_grad
+    assert torch.allclose(weak_logits, model(data.unlabeled["weak"]))  # train mode: the weak batch's statistics
+    _, together, _ = weak_strong_forward(model, data, concat=True)
+    assert not torch.allclose(together, weak_logits)  # with the concatenated batch's, another normalization
