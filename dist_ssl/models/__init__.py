@@ -9,7 +9,7 @@ from torch import nn
 
 from dist_ssl.config import ModelConfig
 from dist_ssl.errors import UserError
-from dist_ssl.models.cnn import MnistCNN, SmallCNN, SmallCNN3
+from dist_ssl.models.cnn import MnistCNN, SmallCNN, SmallCNN3, SmallCNN4
 from dist_ssl.models.mlp import MLP
 from dist_ssl.models.torchvision_nets import densenet121, resnet50
 from dist_ssl.models.wide_resnet import WideResNet28x2, WideResNet28x8
@@ -17,6 +17,7 @@ from dist_ssl.models.wide_resnet import WideResNet28x2, WideResNet28x8
 MODELS: dict[str, Callable[[int, tuple[int, ...], ModelConfig], nn.Module]] = {
     "small_cnn": SmallCNN,
     "small_cnn3": SmallCNN3,
+    "small_cnn4": SmallCNN4,
     "mnist_cnn": MnistCNN,
     "mlp": MLP,
     "wide_resnet28_2": WideResNet28x2,

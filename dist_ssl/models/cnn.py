@@ -65,6 +65,30 @@ class SmallCNN3(SmallCNN):
         return F.relu(self.bn3(self.conv3(super().features(x))), inplace=True)
 
 
+class SmallCNN4(SmallCNN3):
+    """small_cnn3 with a fourth 3x3 convolution (128, batch norm) at quarter resolution; fc over
+    its 128 x 7 x 7 maps (at 28x28).
+
+    The added layers run on 7x7 maps, where a convolution costs little on CPU next to the 28x28 and
+    14x14 ones. With `method.concat_forward=false` its FlexMatch step costs about what small_cnn3's
+    concatenated one does (docs/speed.md); on Fashion-MNIST at 100 labels per class it is what
+    configs/fashion_mnist/flexmatch.yaml ships (docs/methods.md#measured).
+    """
+
+    name = "small_cnn4"
+
+    def __init__(self, num_classes: int, input_shape: tuple[int, ...], cfg: ModelConfig):
+        super().__init__(num_classes, input_shape, cfg)
+        _, height, width = image_shape(input_shape, self.name)
+        self.conv4 = nn.Conv2d(64, 128, 3, padding=1, bias=False)
+        self.bn4 = nn.BatchNorm2d(128, momentum=cfg.bn_momentum)
+        # replaces small_cnn's fc1, built first: the parameters draw from the seed in this order
+        self.fc1 = nn.Linear(128 * (height // 4) * (width // 4), 128)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.bn4(self.conv4(super().features(x))), inplace=True)
+
+
 class MnistCNN(nn.Module):
     """Seed 001's MNIST network: 5x5 convolutions (20, 40) with 2x2 pooling, Dropout2d, fc 150.
 

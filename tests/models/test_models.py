@@ -8,7 +8,7 @@ from dist_ssl.models import MODELS, build_model
 
 @pytest.mark.parametrize(
     "name, shape",
-    [("small_cnn", (1, 8, 8)), ("small_cnn", (3, 32, 32)), ("small_cnn3", (1, 8, 8)), ("small_cnn3", (1, 28, 28)), ("mnist_cnn", (1, 28, 28)), ("mlp", (2,)), ("mlp", (1, 8, 8))],
+    [("small_cnn", (1, 8, 8)), ("small_cnn", (3, 32, 32)), ("small_cnn3", (1, 8, 8)), ("small_cnn3", (1, 28, 28)), ("small_cnn4", (1, 28, 28)), ("mnist_cnn", (1, 28, 28)), ("mlp", (2,)), ("mlp", (1, 8, 8))],
 )
 def test_models_give_logits_of_the_right_shape(name, shape):
     model = build_model(ModelConfig(name=name, dropout=0.2), 10, shape)
@@ -25,6 +25,7 @@ def test_mlp_follows_hidden_sizes():
     ("mnist_cnn", (1, 8, 8), "at least 16x16"),
     ("small_cnn", (2,), "small_cnn needs images"),
     ("small_cnn3", (2,), "small_cnn3 needs images"),
+    ("small_cnn4", (2,), "small_cnn4 needs images"),
     ("smal_cnn", (1, 8, 8), "did you mean 'small_cnn'"),
 ])
 def test_model_misfits_are_user_errors(name, shape, message):
