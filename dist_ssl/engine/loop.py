@@ -62,9 +62,10 @@ class RunData:
 
 def run_settings(cfg: Config) -> dict:
     """The resolved config's scalar settings by dotted name, for TensorBoard's HParams dashboard;
-    of the per-method sections, only this run's method's."""
+    of the per-method sections, only this run's method's (and the keys every method shares)."""
     tree = to_dict(cfg)
-    tree["method"] = {"name": cfg.method.name, cfg.method.name: tree["method"].get(cfg.method.name, {})}
+    shared = {key: value for key, value in tree["method"].items() if not isinstance(value, dict)}
+    tree["method"] = dict(shared, **{cfg.method.name: tree["method"].get(cfg.method.name, {})})
     return dict(flat_settings(tree), **{"train.total_steps": cfg.train.total_steps})
 
 

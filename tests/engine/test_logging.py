@@ -110,6 +110,7 @@ def test_hparams_hold_the_settings_and_the_final_test_accuracy(fixmatch_run):
     assert hparams["data.batch_size"].number_value == 20 and hparams["train.total_steps"].number_value == 8
     assert hparams["train.output_dir"].string_value == str(run)
     assert not any(name.startswith("method.mpl.") for name in hparams)  # only the run's own method's section
+    assert hparams["method.concat_forward"].number_value == 1  # and the keys every method shares (a bool as 1)
 
 
 def test_a_resumed_run_logs_the_same_class_counts(digits_shards, tmp_path):
