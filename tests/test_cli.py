@@ -1,10 +1,13 @@
 """Every bad input: one clear error line on stderr and a non-zero exit, through the real CLI."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import REPO, free_port, run_cli
 
 
 def one_error_line(result, expected):
@@ -46,6 +49,35 @@ def test_missing_config_file_and_bad_arguments():
     one_error_line(run_cli("shards", "write", "digits"), "the following arguments are required: --out")
     one_error_line(run_cli("shards", "write", "digits", "--out", "x"), "source 'digits' needs --labels-per-class N")
     one_error_line(run_cli("shards", "write", "cifar7", "--out", "x", "--labels-per-class", "1"), "unknown source 'cifar7'")
+
+
+def test_a_rank_that_left_its_process_group_skips_finalization_but_not_its_exit(tmp_path):
+    """cli.run() ends a rank that destroyed its gloo group with os._exit: a gloo worker thread still
+    releasing tensors then would abort Python's finalization. Its code, its atexit handlers and its
+    buffered output stay those of a normal exit; only finalization (a __del__ here) is skipped."""
+    script = f"""
+import atexit, sys
+import torch.distributed as dist
+from dist_ssl import cli
+
+class Finalized:
+    def __del__(self, open=open):  # its own reference: builtins may be gone while Python finalizes
+        open({str(tmp_path / "finalized")!r}, "w").close()
+
+kept = Finalized()
+atexit.register(lambda: open({str(tmp_path / "atexit")!r}, "w").close())
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+print("buffered before the exit")
+sys.argv = ["dist-ssl", "train", "configs/nope.yaml"]
+cli.run()
+"""
+    # GLIBC_TUNABLES names the huge-page tunable: run() does not re-execute this script (allocator.py).
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, GLIBC_TUNABLES="glibc.malloc.hugetlb=0"))
+    one_error_line(result, "config file not found: configs/nope.yaml")
+    assert result.stdout == "buffered before the exit\n"
+    assert (tmp_path / "atexit").exists()
+    assert not (tmp_path / "finalized").exists()
 
 
 @pytest.mark.slow
