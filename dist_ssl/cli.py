@@ -17,11 +17,12 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from dist_ssl.errors import UserError
 
 PREEMPTED = "PREEMPTED"  # in a run folder: the last session stopped on a signal, the same command resumes it
-_left_process_group = False  # main() destroyed a process group: run() ends the process with os._exit
+_left_process_group = False  # set by leave_process_group: exit_process ends the process with os._exit
 
 
 class _Parser(argparse.ArgumentParser):
@@ -333,12 +334,30 @@ def run() -> None:
         # Here, not in main(): a caller of main() in its own process (tests) keeps its signals.
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR1})
         ended = sys.exc_info()[1]
-        if isinstance(ended, SystemExit) and _left_process_group:
-            _exit_without_finalizing(ended.code)
+        if isinstance(ended, SystemExit):
+            exit_process(ended.code)
 
 
-def _exit_without_finalizing(code: int) -> None:
-    """End a rank that has left its process group, skipping the interpreter's finalization.
+def leave_process_group(finished: bool) -> None:
+    """Destroy this process's process group, if it has one (accelerate launch warns otherwise). With
+    `finished` (this rank succeeded, so every rank is on its way here) the ranks meet at a barrier
+    and leave together; a failed rank leaves alone: the others are not coming, torchrun stops them.
+    End the process with `exit_process` then."""
+    global _left_process_group
+    if "torch" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        if finished:
+            dist.barrier()
+        dist.destroy_process_group()
+        _left_process_group = True
+
+
+def exit_process(code: int) -> NoReturn:
+    """End the process with `code`: `sys.exit`, or, once `leave_process_group` destroyed a group,
+    the atexit handlers then `os._exit`, skipping the interpreter's finalization.
 
     Why: destroy_process_group does not join gloo's worker threads, and one of them can still hold a
     finished collective (its AsyncWork) when the main thread is done. Dropping it releases tensors
@@ -346,10 +365,12 @@ def _exit_without_finalizing(code: int) -> None:
     from inside a C++ destructor and the rank aborts with "terminate called without an active
     exception" after its work was committed (2 runs in 73 of a 2-process pipeline test under CPU
     contention, none in 40 since; the core: ProcessGroupGloo::AsyncWork::~AsyncWork ->
-    decref_pyobject -> take_gil -> pthread_exit -> std::terminate). The atexit handlers still run
-    first, with the interpreter whole: they flush logging and stop multiprocessing children as a
-    normal exit would.
+    decref_pyobject -> take_gil -> pthread_exit -> std::terminate). The atexit handlers run first,
+    with the interpreter whole: they flush logging and stop multiprocessing children as a normal
+    exit would.
     """
+    if not _left_process_group:
+        sys.exit(code)
     import atexit
 
     atexit._run_exitfuncs()
@@ -362,7 +383,6 @@ def _exit_without_finalizing(code: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    global _left_process_group
     from dist_ssl.engine import watchdog
     from dist_ssl.files import os_error
 
@@ -385,15 +405,5 @@ def main(argv: list[str] | None = None) -> None:
         _report(UserError(f"cannot write {error.filename or 'the output folder'}: {error.strerror}"))
         code = 2
     finally:
-        if "torch" in sys.modules:  # leave a process group cleanly (accelerate launch warns otherwise)
-            import torch.distributed as dist
-
-            if dist.is_available() and dist.is_initialized():
-                if code == 0 and sys.exc_info()[0] is None:
-                    # Every rank finished: leave together. Only on success: a failed rank is
-                    # not coming, and torchrun stops the others. (A rank that aborted at its exit
-                    # after finishing did so in Python's finalization, not here: see run().)
-                    dist.barrier()
-                dist.destroy_process_group()
-                _left_process_group = True
+        leave_process_group(finished=code == 0 and sys.exc_info()[0] is None)
     sys.exit(code)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from dist_ssl.cli import exit_process, leave_process_group
 from dist_ssl.config import load_config
 from dist_ssl.engine import loop
 
@@ -57,9 +58,11 @@ def logging_step(original):
 
 if __name__ == "__main__":
     loop.Trainer.train_step = logging_step(loop.Trainer.train_step)
+    finished = False
     try:
         for job in json.loads(Path(sys.argv[1]).read_text()):
             loop.train(load_config(job["config"], job["overrides"]))
+        finished = True
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        leave_process_group(finished)
+    exit_process(0)  # as `dist-ssl` ends: see its docstring
