@@ -364,7 +364,7 @@ def exit_process(code: int) -> NoReturn:
     whose Python objects need the GIL; once the interpreter is finalizing, Python ends that thread
     from inside a C++ destructor and the rank aborts with "terminate called without an active
     exception" after its work was committed (2 runs in 73 of a 2-process pipeline test under CPU
-    contention, none in 40 since; the core: ProcessGroupGloo::AsyncWork::~AsyncWork ->
+    contention, none in 80 since; the core: ProcessGroupGloo::AsyncWork::~AsyncWork ->
     decref_pyobject -> take_gil -> pthread_exit -> std::terminate). The atexit handlers run first,
     with the interpreter whole: they flush logging and stop multiprocessing children as a normal
     exit would.
